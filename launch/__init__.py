@@ -1,0 +1,1 @@
+"""eva-ray's launch layer: the command line, the driver and cluster placement."""
