@@ -1,0 +1,273 @@
+"""The async evolver and tree-BoN, driven by fake ``complete`` callables (the LLM is not under test)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+
+from eva_ray.evolve.evolver import EvolveBatch, Evolver
+from eva_ray.evolve.operators import IN_DEPTH, INPUT_MARKER, OPERATORS, OUTPUT_MARKER
+from eva_ray.evolve.validate import (
+    DUPLICATE_IN_BUFFER,
+    ECHOED_MARKER,
+    EMPTY,
+    NEAR_DUPLICATE_PARENT,
+    TOO_LONG,
+    EvolveValidator,
+)
+from eva_ray.records import PromptRecord, child_id
+
+_VOCAB = [f"w{i}x{(i * 7919) % 1000}" for i in range(2000)]
+
+
+def parent_of(messages: list[dict[str, str]]) -> str:
+    user = messages[-1]["content"]
+    return user.split(INPUT_MARKER + "\n", 1)[1].rsplit("\n\n" + OUTPUT_MARKER, 1)[0]
+
+
+def operator_of(messages: list[dict[str, str]]) -> str:
+    user = messages[-1]["content"]
+    return next(name for name, op in OPERATORS.items() if op.instruction in user)
+
+
+def words_from(key: str, n: int = 25) -> str:
+    rng = random.Random(hashlib.sha256(key.encode()).digest())
+    return " ".join(rng.choice(_VOCAB) for _ in range(n)) + "?"
+
+
+class FakeLLM:
+    """Answers every call with fresh, distinct text; ``script`` maps an operator to a special behaviour.
+
+    Tracks how many calls are in flight at once, and every answer it gave per parent.
+    """
+
+    def __init__(self, script: dict[str, Callable[[str], str]] | None = None, delay: float = 0.0) -> None:
+        self.script = script or {}
+        self.delay = delay
+        self.calls = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.answers: dict[str, list[str]] = {}
+
+    async def __call__(self, messages: list[dict[str, str]]) -> str:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            n = self.calls
+            self.calls += 1
+            await asyncio.sleep(self.delay)
+            parent, op = parent_of(messages), operator_of(messages)
+            answer = self.script[op](parent) if op in self.script else words_from(f"{parent}|{op}|{n}")
+            self.answers.setdefault(parent, []).append(answer)
+            return answer
+        finally:
+            self.in_flight -= 1
+
+
+def seeds(k: int = 3) -> list[PromptRecord]:
+    return [PromptRecord(id=f"seed-{i}", text=words_from(f"seed{i}"), info=0.5 + i) for i in range(k)]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def assert_counts_add_up(batch: EvolveBatch) -> None:
+    c = batch.counts
+    assert c.ok + c.n_rejected + c.n_failed == c.requested
+    assert len(c.latencies_s) == c.ok + c.n_rejected + c.n_failed  # every call made is timed
+
+
+def test_children_carry_lineage() -> None:
+    parents = seeds(3)
+    parents[1].generation = 2
+    ev = Evolver(FakeLLM(), rng_seed=1)
+    batch = run(ev.evolve(parents, 4, step=7))
+    assert len(batch.children) == 12 and batch.counts.ok == 12
+    by_parent = Counter(c.parent_id for c in batch.children)
+    assert by_parent == {p.id: 4 for p in parents}
+    for p in parents:
+        kids = [c for c in batch.children if c.parent_id == p.id]
+        assert [c.id for c in kids] == [child_id(p.id, 7, k) for k in range(4)]
+        for c in kids:
+            assert c.source == "evolved" and c.generation == p.generation + 1 and c.step_born == 7
+            assert c.info == p.info and not c.info_measured
+            assert c.operator in ev.operators and c.text and c.text != p.text
+            assert c.meta["evolve_style"] == "eva"
+    assert_counts_add_up(batch)
+
+
+def test_same_seed_same_children_different_seed_different_operators() -> None:
+    def once(seed: int) -> list[tuple[str, str | None, str | None]]:
+        batch = run(Evolver(FakeLLM(), rng_seed=seed).evolve(seeds(3), 5, step=1))
+        return [(c.id, c.operator, c.text) for c in batch.children]
+
+    assert once(11) == once(11)
+    assert [op for _, op, _ in once(11)] != [op for _, op, _ in once(12)]
+
+
+def test_operators_restricted_and_validated() -> None:
+    ev = Evolver(FakeLLM(), operators=["reasoning", "constraints"])
+    batch = run(ev.evolve(seeds(2), 10, step=0))
+    assert {c.operator for c in batch.children} <= {"reasoning", "constraints"}
+    assert Evolver(FakeLLM(), style="evol_quality").operators == ("evol_quality",)
+    with pytest.raises(ValueError, match="allowed"):
+        Evolver(FakeLLM(), style="evol_quality", operators=["persona"])
+    with pytest.raises(ValueError, match="unknown evolve style"):
+        Evolver(FakeLLM(), style="nope")
+
+
+def test_rejections_by_reason_and_failures_by_exception_type() -> None:
+    class ProviderDown(RuntimeError):
+        pass
+
+    def boom(_: str) -> str:
+        raise ProviderDown("503")
+
+    script = {
+        "constraints": lambda p: "",  # empty
+        "deepening": lambda p: f"{INPUT_MARKER}\n{p}",  # the model echoed the template
+        "concretizing": lambda p: "long " * 2000,  # far too long
+        "reasoning": lambda p: p.upper() + "!",  # parent, restated
+        "expansion": boom,
+    }
+    ev = Evolver(FakeLLM(script), operators=IN_DEPTH, rng_seed=0)
+    batch = run(ev.evolve(seeds(4), 10, step=3))
+    c = batch.counts
+    assert c.requested == 40 and c.ok == 0 and batch.children == []
+    assert set(c.rejected) == {EMPTY, ECHOED_MARKER, TOO_LONG, NEAR_DUPLICATE_PARENT}
+    assert dict(c.failed) == {"ProviderDown": c.n_failed} and c.n_failed > 0
+    assert_counts_add_up(batch)
+    assert ev.validator.rejections == c.rejected  # the validator's own counter agrees
+
+
+def test_a_raising_complete_does_not_kill_the_batch() -> None:
+    llm = FakeLLM()
+
+    async def flaky(messages: list[dict[str, str]]) -> str:
+        n = llm.calls
+        if n % 3 == 0:
+            llm.calls += 1
+            raise (TimeoutError if n % 2 else ValueError)("flaky")
+        return await llm(messages)
+
+    batch = run(Evolver(flaky, rng_seed=0).evolve(seeds(3), 4, step=0))
+    assert batch.counts.requested == 12
+    assert batch.counts.n_failed == 4 and set(batch.counts.failed) == {"ValueError", "TimeoutError"}
+    assert len(batch.children) == batch.counts.ok == 8
+    assert_counts_add_up(batch)
+
+
+def test_timeout_and_non_string_answers_count_as_failures() -> None:
+    async def hangs(messages: list[dict[str, str]]) -> str:
+        await asyncio.sleep(10)
+        return "never"
+
+    async def returns_none(messages: list[dict[str, str]]) -> str:
+        return None  # type: ignore[return-value]
+
+    batch = run(Evolver(hangs, timeout_s=0.01).evolve(seeds(1), 3, step=0))
+    assert dict(batch.counts.failed) == {"TimeoutError": 3}
+    batch = run(Evolver(returns_none).evolve(seeds(1), 2, step=0))
+    assert dict(batch.counts.failed) == {"TypeError": 2}
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+def test_concurrency_limit_is_respected(limit: int) -> None:
+    llm = FakeLLM(delay=0.002)
+    batch = run(Evolver(llm, max_concurrency=limit).evolve(seeds(4), 3, step=0))
+    assert llm.calls == 12 and batch.counts.ok == 12
+    assert llm.max_in_flight == limit  # reached, never exceeded
+
+
+def test_duplicate_siblings_are_rejected_and_accepted_children_registered() -> None:
+    same = {op: (lambda p: "One fixed answer for every call, whatever the parent.") for op in IN_DEPTH}
+    validator = EvolveValidator()
+    ev = Evolver(FakeLLM(same), operators=IN_DEPTH, validator=validator)
+    batch = run(ev.evolve(seeds(2), 3, step=0))
+    assert batch.counts.ok == 1 and batch.counts.rejected == {DUPLICATE_IN_BUFFER: 5}
+    assert batch.children[0].id == child_id("seed-0", 0, 0)  # the first in parent order wins, not the fastest
+    assert batch.children[0].text in validator.index
+    # And the next batch is deduplicated against what the first one accepted.
+    again = run(ev.evolve(seeds(1), 1, step=1))
+    assert again.counts.rejected == {DUPLICATE_IN_BUFFER: 1}
+
+
+def test_chat_parent_is_evolved_from_its_last_user_turn() -> None:
+    chat = PromptRecord(
+        id="seed-chat",
+        messages=[
+            {"role": "user", "content": "first question about rivers"},
+            {"role": "assistant", "content": "an answer"},
+            {"role": "user", "content": "follow-up: how do deltas form, and why do some grow while others shrink?"},
+        ],
+    )
+    llm = FakeLLM()
+    batch = run(Evolver(llm).evolve([chat], 2, step=0))
+    assert set(llm.answers) == {chat.messages[-1]["content"]} and len(batch.children) == 2
+
+
+# --- tree-BoN ------------------------------------------------------------------------------------------------------
+def score_of(text: str) -> float:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:6], 16) / 0xFFFFFF
+
+
+@pytest.mark.parametrize("async_scorer", [False, True])
+def test_tree_bon_keeps_the_best_child_each_level(async_scorer: bool) -> None:
+    async def ascore(text: str) -> float:
+        await asyncio.sleep(0)
+        return score_of(text)
+
+    root = seeds(1)[0]
+    llm = FakeLLM()
+    validator = EvolveValidator()
+    ev = Evolver(llm, validator=validator, rng_seed=5)
+    batch = run(ev.evolve_tree_bon(root, width=4, depth=3, scorer=ascore if async_scorer else score_of, step=9))
+    chain = batch.children
+    assert [c.generation for c in chain] == [1, 2, 3]
+    assert [c.parent_id for c in chain] == [root.id, chain[0].id, chain[1].id]
+    assert all(c.step_born == 9 and c.info == root.info for c in chain)
+    node = root
+    for level, child in enumerate(chain, start=1):
+        candidates = llm.answers[node.text]
+        assert len(candidates) == 4
+        assert child.text == max(candidates, key=score_of)
+        assert child.meta["tree_bon_score"] == score_of(child.text) and child.meta["tree_bon_level"] == level
+        node = child
+    assert batch.counts.requested == 12 and batch.counts.ok == 12
+    # Only the winners stay in the duplicate index: the losers never reach the buffer.
+    assert len(validator.index) == 3 and all(c.text in validator.index for c in chain)
+
+
+def test_tree_bon_skips_failed_scores_and_stops_when_a_level_has_no_valid_child() -> None:
+    root = seeds(1)[0]
+    level = {"n": 0}
+
+    async def complete(messages: list[dict[str, str]]) -> str:
+        level["n"] += 1
+        if level["n"] > 4:  # second level: every answer is empty
+            return ""
+        return words_from(f"cand{level['n']}")
+
+    def picky(text: str) -> float:
+        if text == words_from("cand1"):
+            raise ZeroDivisionError("judge crashed")
+        if text == words_from("cand2"):
+            return float("nan")
+        return 1.0 if text == words_from("cand3") else 0.5
+
+    batch = run(Evolver(complete).evolve_tree_bon(root, width=4, depth=3, scorer=picky, step=0))
+    assert [c.text for c in batch.children] == [words_from("cand3")]
+    assert dict(batch.counts.score_failed) == {"ZeroDivisionError": 1, "non_finite": 1}
+    assert batch.counts.requested == 8 and batch.counts.rejected == {EMPTY: 4}
+    assert_counts_add_up(batch)
+
+
+def test_tree_bon_validates_arguments() -> None:
+    with pytest.raises(ValueError, match="width"):
+        run(Evolver(FakeLLM()).evolve_tree_bon(seeds(1)[0], width=0, depth=2, scorer=len, step=0))
