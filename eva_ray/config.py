@@ -1,0 +1,460 @@
+"""The run configuration: one typed tree, loaded from YAML with dotted command-line overrides.
+
+    eva-ray config --config configs/tiny.yaml creator.capacity=64 learner.lr=1e-5   # print the resolved tree
+    eva-ray config --reference                                                      # print every knob
+
+Every field is a dataclass field with a ``help`` text, an optional set of allowed values and optional bounds. The
+loader checks types, allowed values, bounds and the cross-field rules below before any actor starts, and every
+error names the dotted path, the bad value and what is allowed, so a 3 a.m. typo fails in a second instead of an
+hour into a run. Defaults follow the paper's online setting (appendix A): minibatch 8, top 50% of the batch evolved,
+``n_new`` 4, buffer capacity 3,200, ``ratio_evol`` 0.5, ``n_new_bootstrap`` 2, the ``a_avg`` informativeness metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from eva_ray.evolve.operators import STYLES, validate_operators
+from eva_ray.informativeness import METRICS
+from eva_ray.sampling import SAMPLING_MODES
+
+
+_EXPONENT_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run. The message starts with the dotted path of the offending field."""
+
+
+def knob(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
+         gt: float | None = None, le: float | None = None) -> Any:
+    """A config field: its default, a one-line help, and optional allowed values or numeric bounds."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, help: str) -> Any:
+    """A nested config section."""
+    return field(default_factory=cls, metadata={"help": help})
+
+
+# ----------------------------------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunConfig:
+    name: str = knob("eva", "Run name; the run directory is <output_dir>/<name>-<timestamp>.")
+    seed: int = knob(42, "Seed for every random choice of the run (data order, sampling, evolve operators).")
+    output_dir: str = knob("runs", "Where run directories (metrics, buffer snapshots, checkpoints) are written.")
+    total_steps: int = knob(100, "Learner steps (minibatches) to run.", ge=1)
+
+
+@dataclass
+class ModelConfig:
+    path: str = knob("", "Policy model: a local Hugging Face folder or a hub id (the learner's starting weights).")
+    tokenizer: str | None = knob(None, "Tokenizer folder; defaults to the model path.")
+    reference: str | None = knob(None, "Frozen reference model for the KL term; defaults to the policy's start.")
+    dtype: str = knob("float32", "Weights dtype.", choices=("float32", "bfloat16", "float16"))
+    trust_remote_code: bool = knob(False, "Allow the model's own Python code to run when loading it.")
+
+
+@dataclass
+class DataConfig:
+    path: str = knob("", "Seed prompt set D: a JSONL file, a Parquet file or a `datasets` folder.")
+    format: str = knob("auto", "How to read `path`; auto picks by suffix / folder.",
+                       choices=("auto", "jsonl", "parquet", "datasets"))
+    prompt_field: str = knob("prompt", "Column holding the prompt: a string or a list of chat messages.")
+    id_field: str | None = knob(None, "Column holding a stable prompt id; row numbers are used when unset.")
+    max_prompt_chars: int = knob(8000, "Rows with a longer prompt are rejected (and counted).", ge=1)
+    max_prompts: int | None = knob(None, "Keep only the first N valid prompts (after shuffling).", ge=1)
+    shuffle: bool = knob(True, "Shuffle D once with run.seed before the run walks through it.")
+    eval_size: int = knob(0, "Prompts held out from D for the win-rate evaluation (never trained on).", ge=0)
+
+
+@dataclass
+class CreatorConfig:
+    batch_size: int = knob(8, "Prompts per minibatch (paper: 8).", ge=1)
+    capacity: int = knob(3200, "Capacity B of the prioritized generative buffer (paper: 3,200).", ge=1)
+    n_new: int = knob(4, "Children evolved per parent in warm-up and mix-up (paper: 4).", ge=1)
+    n_new_bootstrap: int = knob(2, "Children per parent once D is exhausted (paper: 2).", ge=1)
+    ratio_evol: float = knob(0.5, "Share of a mix-up minibatch drawn from the buffer (paper: 0.5).", ge=0, le=1)
+    top_fraction: float = knob(0.5, "Share of each minibatch, most informative first, that gets evolved.",
+                               gt=0, le=1)
+    metric: str = knob("a_avg", "Informativeness metric; the paper uses a_avg online and a_min offline.",
+                       choices=METRICS)
+    sampling: str = knob("sample", "How buffer prompts are drawn: weighted without replacement, or top-k.",
+                         choices=SAMPLING_MODES)
+    parent_selection: str = knob("greedy", "How parents are picked in a minibatch: top-k (paper) or weighted.",
+                                 choices=SAMPLING_MODES)
+    staleness_coef: float = knob(0.0, "Weight of a staleness term in buffer sampling (as in PLR); 0 turns it off.",
+                                 ge=0, le=1)
+    inverse_eps: float = knob(1e-3, "Added to the denominator of the inverse metrics so a zero never divides.",
+                              gt=0)
+    seed_epochs: int = knob(1, "Passes over D before it counts as exhausted and bootstrap begins.", ge=1)
+    bootstrap_wait_s: float = knob(60.0, "In bootstrap, how long next_batch waits for evolved prompts.", ge=0)
+    snapshot_every: int = knob(50, "Write a buffer snapshot every N steps (0: only at the end).", ge=0)
+
+
+@dataclass
+class EvolveConfig:
+    method: str = knob("llm", "How prompts evolve: an LLM rewrites them.", choices=("llm",))
+    style: str = knob("eva", "Meta-prompt family.", choices=tuple(STYLES))
+    operators: list[str] | None = knob(None, "Operators drawn uniformly per child (paper appendix F); unset: all "
+                                       "of the style's operators.")
+    model: str = knob("", "LiteLLM model string of the evolve LLM, e.g. gemini/gemini-1.5-pro.")
+    api_base: str | None = knob(None, "Base URL of the evolve LLM's API, when not the provider's default.")
+    api_key_env: str | None = knob(None, "Name of the environment variable that holds the API key (never the key).")
+    local_model_path: str | None = knob(None, "Serve evolve.model from this local Hugging Face folder through an "
+                                        "in-process LiteLLM provider (no network); the model string is then "
+                                        "<provider>/<name>, e.g. local/smollm2.")
+    system_message: bool = knob(True, "Send the meta-prompt's role line as a system message; turn off for chat "
+                                "templates without a system role (Gemma).")
+    temperature: float = knob(0.7, "Sampling temperature of the evolve LLM.", ge=0)
+    max_tokens: int = knob(512, "Longest evolved prompt the LLM may write, in tokens.", ge=1)
+    timeout_s: float = knob(60.0, "Timeout of one evolve call.", gt=0)
+    max_retries: int = knob(3, "Retries of a failed evolve call, with exponential backoff.", ge=0)
+    retry_backoff_s: float = knob(1.0, "First backoff delay; doubles per retry.", ge=0)
+    concurrency: int = knob(16, "Evolve calls in flight at once.", ge=1)
+    tree_bon_width: int = knob(0, "Tree best-of-N: children per level (0 turns the tree variant off).", ge=0)
+    tree_bon_depth: int = knob(2, "Tree best-of-N: levels evolved from each parent.", ge=1)
+    max_length_ratio: float = knob(4.0, "Reject an evolved prompt this many times longer than its parent.", gt=0)
+    parent_similarity: float = knob(0.9, "Reject an evolved prompt at least this similar to its parent.",
+                                    gt=0, le=1)
+    buffer_similarity: float = knob(0.95, "Reject an evolved prompt at least this similar to one in the buffer.",
+                                    gt=0, le=1)
+
+
+@dataclass
+class SolverConfig:
+    algorithm: str = knob("rloo", "Policy update: RLOO, or OAIF (online DPO on best-vs-worst pairs).",
+                          choices=("rloo", "oaif"))
+    n_responses: int = knob(4, "Responses sampled per prompt (both algorithms need at least 2).", ge=2)
+    beta: float = knob(0.05, "KL coefficient (RLOO) or DPO beta (OAIF).", ge=0)
+    kl_estimator: str = knob("k1", "Per-token KL estimator.", choices=("k1", "k2", "k3"))
+    kl_mode: str = knob("reward", "RLOO: subtract the KL from the reward, or add it to the loss.",
+                        choices=("reward", "loss"))
+    aggregation: str = knob("sequence", "RLOO: REINFORCE on sequence log-probs, or a per-token objective.",
+                            choices=("sequence", "token"))
+    clip_eps: float | None = knob(None, "Ratio clipping for several updates per batch (PPO-style); off if unset.",
+                                  gt=0)
+    updates_per_batch: int = knob(1, "Optimizer passes over each rollout batch.", ge=1)
+    dpo_loss: str = knob("sigmoid", "OAIF loss.", choices=("sigmoid", "ipo"))
+    skip_zero_advantage: bool = knob(True, "Skip the optimizer step when no prompt has any reward spread.")
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = knob("hf", "Generation engine: transformers generate, or vLLM (GPU only).",
+                        choices=("hf", "vllm"))
+    temperature: float = knob(1.0, "Sampling temperature of the solver.", gt=0)
+    top_p: float = knob(1.0, "Nucleus sampling threshold.", gt=0, le=1)
+    max_new_tokens: int = knob(256, "Longest response.", ge=1)
+    max_prompt_tokens: int = knob(1024, "Prompts are left-truncated to this many tokens.", ge=1)
+    static_cache: bool = knob(False, "HF backend on GPU: compiled static KV cache (fast after a long warm-up).")
+    gpu_memory_utilization: float = knob(0.5, "vLLM: share of GPU memory for weights and KV cache.", gt=0, le=1)
+
+
+@dataclass
+class RewardConfig:
+    backend: str = knob("function", "Reward source: a sequence-classification reward model, a pairwise "
+                        "model, or a Python function.", choices=("model", "pairwise", "function"))
+    model: str | None = knob(None, "Reward model folder or hub id (backends model and pairwise).")
+    function: str | None = knob(None, "Import path `package.module:callable` of a reward function.")
+    trust_remote_code: bool = knob(False, "Allow the reward model's own Python code (ArmoRM needs it).")
+    batch_size: int = knob(16, "Prompt-response pairs scored per forward pass.", ge=1)
+    max_length: int = knob(2048, "Longest scored sequence in tokens.", ge=1)
+
+
+@dataclass
+class LearnerConfig:
+    zero_stage: int = knob(2, "DeepSpeed ZeRO stage.", choices=(0, 1, 2, 3))
+    lr: float = knob(5e-7, "Peak learning rate (paper: 5e-7).", gt=0)
+    lr_schedule: str = knob("cosine", "Learning-rate schedule after warm-up.",
+                            choices=("constant", "linear", "cosine"))
+    warmup_ratio: float = knob(0.1, "Share of total_steps spent warming the learning rate up (paper: 0.1).",
+                               ge=0, le=1)
+    weight_decay: float = knob(0.0, "AdamW weight decay.", ge=0)
+    grad_clip: float = knob(1.0, "Gradient-norm clip.", gt=0)
+    micro_batch_size: int = knob(8, "Sequences per forward/backward; gradients accumulate over the rest.", ge=1)
+    gradient_checkpointing: bool = knob(False, "Trade compute for memory in the policy's forward pass.")
+    sync_every: int = knob(1, "Push the learner's weights to the rollout workers every N steps.", ge=1)
+    max_staleness: int = knob(1, "Most policy versions a rollout may lag behind the learner.", ge=0)
+    checkpoint_every: int = knob(0, "Save the policy every N steps (0: only at the end).", ge=0)
+
+
+@dataclass
+class LoggingConfig:
+    wandb_project: str = knob("eva-ray", "wandb project.")
+    wandb_mode: str = knob("auto", "auto: online when WANDB_API_KEY is set, else offline. WANDB_MODE wins.",
+                           choices=("auto", "online", "offline", "disabled"))
+    jsonl: bool = knob(True, "Also write every metric to metrics.jsonl in the run directory.")
+    log_every: int = knob(1, "Log metrics every N steps.", ge=1)
+    eval_every: int = knob(10, "Evaluate the win-rate against the initial policy every N steps (0: never).", ge=0)
+    progress: bool = knob(True, "Show a progress line per step with rate and ETA.")
+
+
+@dataclass
+class ActorResources:
+    num_workers: int = knob(1, "Actors in this group.", ge=1)
+    num_cpus: float = knob(1.0, "CPUs reserved per actor.", ge=0)
+    num_gpus: float = knob(0.0, "GPUs reserved per actor (fractions share a GPU).", ge=0)
+
+
+@dataclass
+class ResourcesConfig:
+    rollout: ActorResources = section(ActorResources, "Rollout workers (the group shards each batch).")
+    reward: ActorResources = section(ActorResources, "Reward-model actors.")
+    creator: ActorResources = section(ActorResources, "The creator (one actor; num_workers must stay 1).")
+    learner: ActorResources = section(ActorResources, "Learner ranks (DeepSpeed data parallel).")
+    placement: str = knob("PACK", "Placement-group strategy of the rollout group.",
+                          choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+
+
+@dataclass
+class Config:
+    """The whole run. Sections mirror the system's parts."""
+
+    run: RunConfig = section(RunConfig, "Name, seed, output folder and length of the run.")
+    model: ModelConfig = section(ModelConfig, "The policy (solver) model and its reference.")
+    data: DataConfig = section(DataConfig, "The seed prompt set D.")
+    creator: CreatorConfig = section(CreatorConfig, "Online eva: phases, informativeness, buffer sampling.")
+    evolve: EvolveConfig = section(EvolveConfig, "How parents are evolved into new prompts.")
+    solver: SolverConfig = section(SolverConfig, "The policy-optimisation algorithm and its loss.")
+    rollout: RolloutConfig = section(RolloutConfig, "Response generation.")
+    reward: RewardConfig = section(RewardConfig, "How responses are scored.")
+    learner: LearnerConfig = section(LearnerConfig, "The DeepSpeed learner: optimiser, schedule, weight sync.")
+    logging: LoggingConfig = section(LoggingConfig, "wandb, metrics file, evaluation cadence, progress.")
+    resources: ResourcesConfig = section(ResourcesConfig, "Actors and CPUs/GPUs per actor group.")
+
+
+# ------------------------------------------------------------------------------------------------- cross-field rules
+
+
+def _cross_field_problems(cfg: Config) -> list[str]:
+    """Rules that involve more than one field. Each problem names its path first."""
+    problems = []
+    if cfg.evolve.operators is not None:
+        try:
+            validate_operators(cfg.evolve.operators, cfg.evolve.style)
+        except ValueError as exc:
+            problems.append(f"evolve.operators: {exc}")
+    if cfg.creator.capacity < cfg.creator.batch_size:
+        problems.append(f"creator.capacity: {cfg.creator.capacity} is below creator.batch_size "
+                        f"{cfg.creator.batch_size}; once D is exhausted the buffer must fill a minibatch")
+    if cfg.reward.backend == "function" and not cfg.reward.function:
+        problems.append("reward.function: required when reward.backend is 'function' (e.g. 'my_pkg.rewards:score')")
+    if cfg.reward.backend == "function" and cfg.reward.function and ":" not in cfg.reward.function:
+        problems.append(f"reward.function: {cfg.reward.function!r} must look like 'package.module:callable'")
+    if cfg.reward.backend in ("model", "pairwise") and not cfg.reward.model:
+        problems.append(f"reward.model: required when reward.backend is {cfg.reward.backend!r}")
+    if cfg.learner.sync_every - 1 > cfg.learner.max_staleness:
+        problems.append(f"learner.sync_every: {cfg.learner.sync_every} lets rollouts lag "
+                        f"{cfg.learner.sync_every - 1} versions, more than learner.max_staleness "
+                        f"{cfg.learner.max_staleness}; raise max_staleness or sync more often")
+    if cfg.resources.creator.num_workers != 1:
+        problems.append(f"resources.creator.num_workers: {cfg.resources.creator.num_workers}; the creator owns "
+                        "the buffer, so there is exactly one (allowed: 1)")
+    if cfg.solver.clip_eps is None and cfg.solver.updates_per_batch > 1:
+        problems.append(f"solver.clip_eps: unset while solver.updates_per_batch is "
+                        f"{cfg.solver.updates_per_batch}; several updates on one batch need ratio clipping")
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------ typed conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it converted (int -> float, list copies)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}: {value!r} is not a {' or '.join(_type_name(a) for a in args)}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: {value!r} is not a list")
+        return [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        raise TypeError("use knob(choices=...) rather than Literal annotations")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: {value!r} is not true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: {value!r} is not an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: {value!r} is not a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: {value!r} is not a string")
+        return value
+    raise TypeError(f"{path}: unsupported config annotation {tp!r}")
+
+
+def _check_field(value: Any, meta: dict, path: str) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{path}: {value!r} is not allowed; allowed: {', '.join(map(str, choices))}")
+    bounds = [("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"), ("le", lambda v, b: v <= b, "<=")]
+    for key, ok, sign in bounds:
+        bound = meta.get(key)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"{path}: {value!r} is out of range; allowed: {sign} {bound}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every field; unknown keys are errors with a suggestion."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of fields, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; allowed: {', '.join(fields)}"
+            raise ConfigError(f"{prefix}{key}: unknown field{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{prefix}{name}"
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data.get(name, {}) or {}, f"{path}.")
+        elif name in data:
+            kwargs[name] = _convert(data[name], tp, path)
+            _check_field(kwargs[name], f.metadata, path)
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------- public API
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"learner.lr=1e-6"`` -> ``(["learner", "lr"], 1e-06)``. Values are read as YAML scalars or lists."""
+    if "=" not in item:
+        raise ConfigError(f"{item}: an override looks like section.field=value")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"{item}: an override looks like section.field=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot read value {raw!r}: {exc}") from None
+    # PyYAML follows YAML 1.1, which reads "1e-6" (no dot) as a string; a number is what a user means.
+    if isinstance(value, str) and _EXPONENT_NUMBER.match(value):
+        value = float(value)
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a nested mapping (a copy is returned; the input is left alone)."""
+    out = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = out
+        for i, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(keys[:i + 1])}: is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested mapping."""
+    cfg = _build(Config, data or {}, "")
+    problems = _cross_field_problems(cfg)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The resolved config: defaults, then the YAML file, then dotted overrides; validated."""
+    data = read_yaml(path) if path else {}
+    return from_dict(apply_overrides(data, list(overrides or [])))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """Every knob with its type, default, allowed values and help, as a Markdown reference."""
+    lines = ["# Config reference", "",
+             "Generated by `eva-ray config --reference`. Set a field in YAML under its section, or on the command "
+             "line as `section.field=value`.", ""]
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        rows = []
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            allowed = f.metadata.get("choices")
+            bounds = " ".join(f"{s} {f.metadata[k]}" for k, s in (("ge", ">="), ("gt", ">"), ("le", "<="))
+                              if f.metadata.get(k) is not None)
+            rule = ", ".join(map(str, allowed)) if allowed else bounds
+            type_name = _type_name(tp).replace(" | ", " or ")  # a bare | would split the Markdown cell
+            rows.append(f"| `{prefix}{f.name}` | {type_name} | `{default!r}` | {rule} | {f.metadata['help']} |")
+        if rows:
+            lines.extend([f"## `{prefix.rstrip('.')}`", "", "| field | type | default | allowed | meaning |",
+                          "|---|---|---|---|---|", *rows, ""])
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+
+    walk(Config, "")
+    return "\n".join(lines)

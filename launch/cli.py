@@ -1,0 +1,69 @@
+"""The `eva-ray` command line.
+
+    eva-ray run --config configs/tiny.yaml solver.algorithm=oaif     # one online eva run (local Ray, or the
+                                                                    # cluster of `ray job submit`)
+    eva-ray run --config configs/tiny.yaml --inline                 # the same without Ray
+    eva-ray config --config configs/tiny.yaml creator.capacity=64   # print the resolved, validated config
+    eva-ray config --reference > docs/config.md                     # every knob with its default and meaning
+    python -m launch config ...                                     # the same, without the console script
+
+Errors in a config print one line per problem (the dotted path, the bad value, what is allowed) and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from eva_ray.config import ConfigError, load_config, reference_markdown, to_yaml
+
+
+def _config_command(args: argparse.Namespace) -> int:
+    if args.reference:
+        print(reference_markdown())
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from eva_ray.data import DataError
+    from launch.driver import run
+
+    try:
+        summary = run(cfg, inline=args.inline)
+    except DataError as exc:
+        print(f"eva-ray: data error: {exc}", file=sys.stderr)
+        return 2
+    return 130 if summary.interrupted else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eva-ray", description="eva: evolving prompts for online RL post-training.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    show = commands.add_parser("config", help="print the resolved config (defaults < YAML file < overrides)")
+    show.add_argument("--config", help="YAML config file")
+    show.add_argument("--reference", action="store_true", help="print the reference of every config field")
+    show.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides")
+    show.set_defaults(handler=_config_command)
+    go = commands.add_parser("run", help="run online eva")
+    go.add_argument("--config", help="YAML config file")
+    go.add_argument("--inline", action="store_true", help="run every actor in this process, without Ray")
+    go.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides")
+    go.set_defaults(handler=_run_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"eva-ray: config error:\n{exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
