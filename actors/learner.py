@@ -1,0 +1,647 @@
+"""Learner: the solver policy inside a DeepSpeed engine, a frozen reference model, and one RLOO / OAIF step per batch.
+
+A plain class: Ray wraps it at launch (``ray.remote(Learner)``); tests and single-GPU runs call it inline.
+
+    learner = Learner("runs/tiny/policy", solver=cfg.solver, learner=cfg.learner, model=cfg.model,
+                      total_steps=cfg.run.total_steps, seed=cfg.run.seed, temperature=cfg.rollout.temperature)
+    batch = collate(groups, rewards, pad_token_id)         # eva_ray.batching
+    metrics = learner.train_step(batch)                    # {"train/loss": ..., "timing/learner_s": ...}
+    version, state_dict = learner.get_weights()            # for RolloutWorker.update_weights(state_dict, version)
+    learner.save("runs/x/checkpoint-100"); learner.close()
+
+One ``train_step``:
+
+1. Skip (``train/skipped=1``, weights and Adam state untouched) when no prompt group has reward spread and
+   ``solver.skip_zero_advantage`` is set, or always for OAIF (no pair, nothing to learn). Adam keeps moving the
+   weights on a zero or KL-only gradient through its momentum; on a tiny model that collapsed the policy
+   (notes/proving-ground-feasibility.md).
+2. OAIF keeps only the best and worst response of each prompt (``select_pairs``): the policy and the reference
+   model then run on 2 responses per prompt instead of N.
+3. Reference log-probs, once (no grad). With RLOO and ``beta == 0`` there is no reference model at all.
+4. ``solver.updates_per_batch`` optimizer updates. Each starts with a no-grad pass over the batch:
+   - its full-batch loss is exactly the loss the update is about to differentiate (dropout is off), so a NaN/inf
+     loss is caught *before* any gradient reaches the engine (``train/nonfinite_loss``), and its stats are exact
+     full-batch metrics. It costs one forward pass, about a quarter of a step;
+   - on the first update its log-probs become the *old* log-probs. With several updates per batch they are the
+     ratio denominators (clipped with ``clip_eps``) and the source of the reward-side KL, fixed for the batch.
+     They are the learner's log-probs at the start of the step, not the sampler's: the ratio corrects for the
+     drift within the step, not for a rollout's lag behind the learner (the driver bounds that lag).
+   Then micro-batches of whole prompt groups run forward/backward, each loss weighted by its share of the batch
+   (``eva_ray.batching.share``: exact for these per-group losses), and one ``engine.step()``. A non-finite gradient
+   norm skips the step too: DeepSpeed's ZeRO 1-3 optimizers refuse it themselves; under ZeRO-0 the learner checks.
+5. Metrics (``train/...``) describe the batch at the weights before the step. ``version`` counts applied
+   optimizer updates; the LR schedule counts updates too, skipped ones included, so it stays keyed to the
+   driver's step.
+
+Process-wide state, restored when the last learner closes: the torch.distributed group (created with gloo or NCCL
+from MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, each set only if absent), torch's ``sys.excepthook`` wrapper,
+and ZeRO-3's replacement of ``torch.nn.functional.linear``. transformers' global HfDeepSpeedConfig lives only while
+a ZeRO-3 policy is being built.
+
+DeepSpeed on CPU (measured here, deepspeed 0.19.8): ZeRO 0, 2 and 3 train under gloo with a client
+``torch.optim.AdamW``. The first ``TorchBackend`` would compile a shared-memory comm op (``build_shm_op`` in
+``deepspeed.comm.torch``, about 60 s, g++ and ninja); the learner replaces that function with one returning None
+before DeepSpeed builds its backend, and never uses DeepSpeed's own (compiled) optimizers.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from eva_ray.batching import TrainBatch, groups_with_spread, micro_batches, right_pad, select_pairs, share
+from eva_ray.config import LearnerConfig, ModelConfig, SolverConfig
+from eva_ray.losses import entropy_from_logits, get_policy_loss, kl_estimate, masked_mean, token_logprobs
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LR_SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
+
+# Environment a single-process torch.distributed group needs; set only when absent (a launcher sets its own).
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+# ------------------------------------------------------------------------------------------------ LR schedule
+
+
+def lr_multiplier(schedule: str, total_updates: int, warmup_ratio: float) -> Callable[[int], float]:
+    """The factor on the peak learning rate used by optimizer update ``k`` (0-based), for ``torch``'s ``LambdaLR``.
+
+    Warm-up: ``warmup = ceil(warmup_ratio * total_updates)`` updates with factor ``(k + 1) / warmup``, so the first
+    update already moves the weights (HF's ``k / warmup`` spends update 0 at lr 0) and update ``warmup - 1`` runs
+    at the peak. Then, with ``d = (k - warmup) / (total_updates - warmup)``: ``constant`` 1, ``linear`` ``1 - d``,
+    ``cosine`` ``(1 + cos(pi d)) / 2``. Past ``total_updates`` the factor stays at its final value, never negative.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; allowed: {list(LR_SCHEDULES)}")
+    if total_updates < 1:
+        raise ValueError(f"total_updates must be >= 1, got {total_updates}")
+    warmup = math.ceil(warmup_ratio * total_updates)
+    decay = max(1, total_updates - warmup)
+
+    def factor(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / warmup
+        d = min(1.0, (k - warmup) / decay)
+        if schedule == "linear":
+            return 1.0 - d
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * d))
+        return 1.0
+
+    return factor
+
+
+# ------------------------------------------------------------------------------------------ DeepSpeed set-up
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _import_deepspeed(device: torch.device) -> Any:
+    """Import DeepSpeed with the shared-memory comm op disabled.
+
+    ``deepspeed.comm.torch.TorchBackend.__init__`` calls the module-level ``build_shm_op()``, which JIT-compiles a
+    C++ extension on CPU (about 60 s, needs g++/ninja) for an intra-node all-reduce a single learner never needs.
+    Replacing the module attribute (it is looked up at call time) before any backend exists skips the build; gloo
+    does the collectives.
+    """
+    if device.type == "cpu" and "deepspeed" not in sys.modules and torch.cuda.is_available():
+        # DeepSpeed picks its accelerator once, at first import; a CPU learner on a GPU machine must say so first.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    comm_torch.build_shm_op = lambda: None
+    import deepspeed
+
+    # DeepSpeed logs every engine detail at INFO; a driver printing one line per step drowns in it.
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+# torch.distributed has one default group per process. Learners that find none create it and share it; the last
+# of them to close destroys it (and removes the environment it set), so a later learner in the same process (tests
+# build several) starts clean. A group someone else created (a launcher, torchrun) is used and never destroyed.
+_GROUP: dict[str, Any] = {"users": 0, "env": [], "zero3": 0, "excepthook": None}
+
+
+def _acquire_process_group(deepspeed: Any, device: torch.device) -> bool:
+    """Join or create the default process group; True when this learner counts as a user of a group we created."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)  # wraps the existing group in DeepSpeed's backend
+        if _GROUP["users"]:
+            _GROUP["users"] += 1
+            return True
+        return False
+    defaults = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
+                "LOCAL_RANK": "0"}
+    added = [key for key in _DIST_ENV if key not in os.environ]
+    for key in added:
+        os.environ[key] = defaults[key]
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    # init_process_group wraps sys.excepthook (to prefix "[rank0]: ") and destroy_process_group never unwraps it:
+    # keep the original so that creating learners again and again does not nest the prefix.
+    _GROUP["excepthook"] = sys.excepthook
+    deepspeed.init_distributed(dist_backend=backend)
+    _GROUP.update(users=1, env=added)
+    return True
+
+
+def _release_process_group() -> None:
+    _GROUP["users"] -= 1
+    if _GROUP["users"] > 0:
+        return
+    import deepspeed.comm as ds_comm
+
+    if torch.distributed.is_initialized():
+        ds_comm.destroy_process_group()
+    for key in _GROUP["env"]:
+        os.environ.pop(key, None)
+    if _GROUP["excepthook"] is not None:
+        sys.excepthook = _GROUP["excepthook"]
+    _GROUP.update(users=0, env=[], excepthook=None)
+
+
+def _restore_linear() -> None:
+    """Undo ZeRO-3's process-wide ``torch.nn.functional.linear`` replacement.
+
+    ``zero.Init`` swaps in its own linear (so partitioned weights can be gathered) and leaves it there "unless
+    manually reset". Once no ZeRO-3 learner is alive, the rest of the process (an inline rollout worker, later
+    tests) gets the stock function back.
+    """
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as patcher
+
+    original = getattr(patcher, "linear_bk", None)
+    if original is not None and torch.nn.functional.linear is zero3_linear_wrap:
+        torch.nn.functional.linear = original
+
+
+def _zero_dropout(config: Any) -> None:
+    """Set every dropout probability in an HF config to 0.
+
+    RL losses compare log-probs of the same tokens across passes (old vs new, reference vs policy); dropout would
+    make the ratio of identical weights differ from 1 and the no-grad NaN check differ from the update it guards.
+    """
+    for key, value in list(vars(config).items()):
+        if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
+            setattr(config, key, 0.0)
+
+
+def _load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    _zero_dropout(config)
+    config.use_cache = False  # training never decodes; a KV cache would only cost memory
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code)
+    for module in model.modules():  # dropout hard-coded in a module rather than read from the config
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and norm gains (1-D tensors), as usual for transformers."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        # Under ZeRO-3 a partitioned parameter has an empty .shape; its real shape is ds_shape.
+        shape = getattr(param, "ds_shape", param.shape)
+        (no_decay if len(shape) <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # DeepSpeed drops empty groups from the optimizer after the LR scheduler has counted them: drop them first.
+    return [g for g in groups if g["params"]]
+
+
+# ------------------------------------------------------------------------------------------------------ learner
+
+
+class Learner:
+    """The solver policy under DeepSpeed (ZeRO 0-3), its frozen reference model, and the RLOO / OAIF update.
+
+    Args:
+        model_path: the policy's starting weights (a local HF folder or hub id).
+        solver: the loss and its knobs (``algorithm``, ``beta``, ``kl_estimator``, ``kl_mode``, ``aggregation``,
+            ``clip_eps``, ``updates_per_batch``, ``dpo_loss``, ``skip_zero_advantage``).
+        learner: optimiser, schedule, ZeRO stage, micro-batch size, gradient checkpointing.
+        model: ``dtype``, ``reference`` (defaults to ``model_path``), ``tokenizer`` (for ``save``; defaults to
+            ``model_path``), ``trust_remote_code``. Its ``path`` is not read: ``model_path`` is.
+        total_steps: ``train_step`` calls the run will make; the LR schedule spans
+            ``total_steps * solver.updates_per_batch`` optimizer updates.
+        seed: seeds torch (the update itself is deterministic: dropout is off).
+        device: ``None`` picks ``cuda`` when available, else the CPU. CUDA uses NCCL, the CPU gloo.
+        temperature: the rollout's sampling temperature; log-probs are taken under ``softmax(logits / T)``, the
+            distribution the responses were drawn from (pass ``cfg.rollout.temperature``).
+    """
+
+    def __init__(self, model_path: str, *, solver: SolverConfig, learner: LearnerConfig, model: ModelConfig,
+                 total_steps: int, seed: int, device: str | torch.device | None = None,
+                 temperature: float = 1.0) -> None:
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if solver.algorithm == "oaif" and not solver.beta > 0:
+            raise ValueError(f"solver.beta: {solver.beta} with solver.algorithm 'oaif'; DPO needs beta > 0")
+        if model.dtype not in DTYPES:
+            raise ValueError(f"model.dtype: {model.dtype!r}; allowed: {', '.join(DTYPES)}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.solver, self.cfg, self.model_cfg = solver, learner, model
+        self.model_path = model_path
+        self.temperature = float(temperature)
+        self.total_updates = total_steps * solver.updates_per_batch
+        self._loss_fn = get_policy_loss(solver.algorithm)
+        # RLOO uses the importance ratio pi / pi_old only when one batch gets several updates. With one update the
+        # ratio is exactly 1 and its gradient equals REINFORCE's, but its value would make train/loss read
+        # -mean(A) = 0 every step; the plain -mean(A * log pi) keeps a loss that falls as the policy learns.
+        self._use_ratio = solver.algorithm == "rloo" and solver.updates_per_batch > 1
+        self._version = 0
+        self._closed = False
+        self._owns_group = False
+        requested = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(seed)
+
+        deepspeed = _import_deepspeed(requested)
+        self._deepspeed = deepspeed
+        self._owns_group = _acquire_process_group(deepspeed, requested)
+        dtype = DTYPES[model.dtype]
+        ds_config = self._ds_config(dtype)
+
+        self._hf_ds_config: Any = None
+        try:
+            self.reference = self._load_reference(model.reference or model_path, dtype)
+            # ZeRO-3: HfDeepSpeedConfig must exist before from_pretrained so the policy is built under zero.Init and
+            # loaded straight into partitions. transformers holds it by weakref only, so self keeps it; once the
+            # engine exists the global is unset again, so models loaded later in this process (an inline rollout
+            # worker, a test's fresh model) are ordinary modules. The engine never consults transformers' copy.
+            if learner.zero_stage == 3:
+                from transformers.integrations import HfDeepSpeedConfig
+
+                self._hf_ds_config = HfDeepSpeedConfig(ds_config)
+                _GROUP["zero3"] += 1
+            policy = _load_causal_lm(model_path, dtype, model.trust_remote_code)
+            if learner.gradient_checkpointing:
+                policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self._logits_to_keep = "logits_to_keep" in _forward_parameters(policy)
+            optimizer = torch.optim.AdamW(_param_groups(policy, learner.weight_decay), lr=learner.lr)
+            self._scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lr_multiplier(learner.lr_schedule, self.total_updates, learner.warmup_ratio))
+            self._client_optimizer = optimizer
+            self.engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer,
+                                                        lr_scheduler=self._scheduler, config=ds_config)
+        except BaseException:
+            self._release()
+            raise
+        finally:
+            if learner.zero_stage == 3:
+                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+                unset_hf_deepspeed_config()
+        # Train mode (gradient checkpointing only runs in it); with dropout at 0 it computes what eval mode does.
+        self.engine.train()
+        self.device: torch.device = torch.device(self.engine.device)
+        if self.reference is not None:
+            self.reference.to(self.device)
+
+    def _load_reference(self, path: str, dtype: torch.dtype) -> torch.nn.Module | None:
+        """The frozen reference model, or None when the loss never reads it (RLOO with ``beta == 0``).
+
+        A plain replicated module in eval mode without gradients. It is loaded *before* any HfDeepSpeedConfig
+        exists: while one is alive, every from_pretrained in the process builds a ZeRO-3-partitioned model, which
+        only a DeepSpeed engine can run.
+        """
+        if self.solver.algorithm == "rloo" and self.solver.beta == 0:
+            return None
+        reference = _load_causal_lm(path, dtype, self.model_cfg.trust_remote_code)
+        return reference.requires_grad_(False).eval()
+
+    def _ds_config(self, dtype: torch.dtype) -> dict[str, Any]:
+        return {
+            "train_micro_batch_size_per_gpu": self.cfg.micro_batch_size,
+            # The learner owns accumulation: the number of micro-batches varies with the batch, each loss arrives
+            # already weighted by its share of the batch, and the boundary is set by hand on the last one.
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": self.cfg.grad_clip,
+            "zero_optimization": {"stage": self.cfg.zero_stage},
+            "bf16": {"enabled": dtype == torch.bfloat16, "check_grad_overflow": True},
+            "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+
+    # ------------------------------------------------------------------------------------------ properties
+
+    @property
+    def version(self) -> int:
+        """Optimizer updates applied so far (0: the starting weights). Rollouts carry it as ``policy_version``."""
+        return self._version
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next optimizer update will use."""
+        return float(self._client_optimizer.param_groups[0]["lr"])
+
+    # --------------------------------------------------------------------------------------- forward passes
+
+    def _response_logits(self, model: Callable[..., Any], batch: TrainBatch) -> torch.Tensor:
+        """``[b, R, V]`` logits at positions ``W - 1 .. L - 2``, the ones that predict ``batch.response_ids``."""
+        kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                                  "position_ids": batch.position_ids, "use_cache": False}
+        width = batch.response_width
+        if self._logits_to_keep:
+            # The last R + 1 positions only: on a long prompt this is most of the logits memory saved. (R + 1 >= 1;
+            # 0 would mean "all" to HF.)
+            logits = model(**kwargs, logits_to_keep=width + 1).logits
+            return logits[:, :-1]
+        logits = model(**kwargs).logits
+        return logits[:, batch.prompt_width - 1:-1]
+
+    def _logprobs(self, model: Callable[..., Any], batch: TrainBatch,
+                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``([b, R] token log-probs of the responses, [b, R] entropies or None)``."""
+        logits = self._response_logits(model, batch)
+        lp = token_logprobs(logits, batch.response_ids, self.temperature)
+        ent = entropy_from_logits(logits.detach(), self.temperature) if with_entropy else None
+        return lp, ent
+
+    @torch.no_grad()
+    def _batch_logprobs(self, model: Callable[..., Any], micros: list[TrainBatch], width: int,
+                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """No-grad log-probs (and entropies) of the whole batch, micro-batch by micro-batch, as ``[B, R]``."""
+        lps, ents = [], []
+        for mb in micros:
+            lp, ent = self._logprobs(model, mb, with_entropy)
+            lps.append(right_pad(lp.float(), width))
+            if ent is not None:
+                ents.append(right_pad(ent.float(), width))
+        return torch.cat(lps), (torch.cat(ents) if with_entropy else None)
+
+    def _loss(self, logprobs: torch.Tensor, ref: torch.Tensor | None, old: torch.Tensor | None,
+              batch: TrainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        s = self.solver
+        mask = batch.response_token_mask
+        if s.algorithm == "oaif":
+            return self._loss_fn(logprobs, ref, mask, batch.rewards, beta=s.beta, loss_type=s.dpo_loss)
+        return self._loss_fn(logprobs, ref, mask, batch.rewards, beta=s.beta, kl_estimator=s.kl_estimator,
+                             kl_mode=s.kl_mode, aggregation=s.aggregation, old_logprobs=old, clip_eps=s.clip_eps)
+
+    # ------------------------------------------------------------------------------------------ train step
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """Train on one batch (see the module docstring); returns ``train/*`` and ``timing/*`` metrics.
+
+        Always present: ``train/skipped`` (1 when no update was applied), ``train/nonfinite_loss``,
+        ``train/nonfinite_grad``, ``train/updates``, ``train/version``, ``train/lr``, ``train/tokens`` (response
+        tokens trained on), ``train/sequences``, ``train/spread_fraction`` (prompts with reward spread),
+        ``train/reward_mean``, ``train/staleness_mean`` / ``_max`` (learner version minus the rollouts' versions),
+        ``timing/learner_s``. After a forward pass also ``train/loss``, ``train/kl``, ``train/entropy``,
+        ``train/grad_norm`` and the loss's own stats (RLOO: ``advantage_std``, ``clip_fraction``, ...; OAIF:
+        ``n_pairs``, ``rewards_margin``, ``rewards_accuracy``, ...), all at the weights before the step.
+        """
+        if self._closed:
+            raise RuntimeError("train_step on a closed learner")
+        start = time.perf_counter()
+        s = self.solver
+        spread = groups_with_spread(batch.rewards)
+        finite = torch.isfinite(batch.rewards)
+        staleness = (self._version - batch.policy_versions).float()
+        metrics: dict[str, float] = {
+            "train/lr": self.lr,
+            "train/spread_fraction": spread.float().mean().item(),
+            "train/reward_mean": batch.rewards[finite].mean().item() if finite.any() else float("nan"),
+            "train/staleness_mean": staleness.mean().item(),
+            "train/staleness_max": staleness.max().item(),
+            "train/skipped": 1.0, "train/nonfinite_loss": 0.0, "train/nonfinite_grad": 0.0, "train/updates": 0.0,
+            "train/tokens": 0.0, "train/sequences": 0.0,
+        }
+        if not spread.any() and (s.skip_zero_advantage or s.algorithm == "oaif"):
+            # Nothing in the rewards to learn from. The schedule still advances, so the LR stays keyed to the
+            # driver's step count rather than to the number of batches that happened to carry a signal.
+            self._advance_schedule(s.updates_per_batch)
+            return self._finish(metrics, start)
+
+        full = (select_pairs(batch) if s.algorithm == "oaif" else batch).to(self.device)
+        unit = "group" if s.algorithm == "oaif" else s.aggregation
+        micros = micro_batches(full, self.cfg.micro_batch_size)
+        width = full.response_width
+        mask = full.response_token_mask
+        metrics["train/tokens"] = float(full.num_response_tokens)
+        metrics["train/sequences"] = float(full.num_sequences)
+        t0 = time.perf_counter()
+        ref = self._batch_logprobs(self.reference, micros, width)[0] if self.reference is not None else None
+        metrics["timing/learner_ref_s"] = time.perf_counter() - t0
+
+        old: torch.Tensor | None = None
+        grad_norms: list[float] = []
+        for update in range(s.updates_per_batch):
+            # No-grad pass at the weights this update starts from: old log-probs (first update), full-batch stats,
+            # and the NaN check of the exact loss the micro-batches are about to differentiate.
+            current, entropy = self._batch_logprobs(self.engine, micros, width, with_entropy=update == 0)
+            if update == 0:
+                old = current
+                metrics["train/entropy"] = masked_mean(entropy, mask).item()
+            loss, stats = self._loss(current, ref, old if self._use_ratio else None, full)
+            if update == 0:
+                metrics.update({f"train/{k}": v.item() for k, v in stats.items()})
+                if "kl" not in stats and ref is not None:  # OAIF's stats carry no KL; drift is worth watching
+                    metrics["train/kl"] = masked_mean(kl_estimate(current, ref, s.kl_estimator), mask).item()
+            if not torch.isfinite(loss):
+                metrics["train/nonfinite_loss"] += 1.0
+                self._advance_schedule(s.updates_per_batch - update)
+                break
+            applied, grad_norm, nonfinite_micro = self._update(full, micros, ref, old, unit)
+            metrics["train/nonfinite_loss"] += nonfinite_micro
+            grad_norms.append(grad_norm)
+            if not applied:
+                metrics["train/nonfinite_grad"] += 1.0
+                self._advance_schedule(1)  # DeepSpeed does not step the schedule on a skipped update
+                continue
+            self._version += 1
+            metrics["train/updates"] += 1.0
+        if grad_norms:
+            metrics["train/grad_norm"] = grad_norms[0]
+        metrics["train/skipped"] = float(metrics["train/updates"] == 0)
+        return self._finish(metrics, start)
+
+    def _update(self, full: TrainBatch, micros: list[TrainBatch], ref: torch.Tensor | None,
+                old: torch.Tensor | None, unit: str) -> tuple[bool, float, int]:
+        """One optimizer update over all micro-batches; ``(applied, grad norm before clipping, nonfinite losses)``."""
+        engine = self.engine
+        nonfinite = 0
+        row = 0
+        for k, mb in enumerate(micros):
+            rows = slice(row, row + mb.num_sequences)
+            row += mb.num_sequences
+            r = mb.response_width
+            # Gradients are reduced and partitioned (ZeRO 2/3) at the boundary; only the last micro-batch is one.
+            engine.set_gradient_accumulation_boundary(k == len(micros) - 1)
+            lp, _ = self._logprobs(engine, mb)
+            loss, _ = self._loss(lp, ref[rows, :r] if ref is not None else None,
+                                 old[rows, :r] if (old is not None and self._use_ratio) else None, mb)
+            # A non-finite loss here would mean the forward is not deterministic (the no-grad pass saw a finite
+            # one). It is still back-propagated: the gradient-norm check below then refuses the step, which keeps
+            # the engine's accumulation state consistent where skipping one backward would not.
+            nonfinite += int(not torch.isfinite(loss))
+            # scale_wrt_gas=False: the share already is the accumulation weight (and gradient_accumulation_steps
+            # is 1 anyway).
+            engine.backward(loss * share(mb, full, unit), scale_wrt_gas=False)
+        if self.cfg.zero_stage == 0:
+            # ZeRO-0 hands the plain torch optimizer the gradients as they are: check them here.
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            if not math.isfinite(norm):
+                engine.zero_grad()
+                return False, norm, nonfinite
+            engine.step()
+            return True, norm, nonfinite
+        engine.step()
+        # ZeRO 1-3 refuse a step whose gradient norm is inf/NaN (fp32, fp16, and bf16 with check_grad_overflow)
+        # and report it here; the norm is None only where DeepSpeed skips computing it.
+        norm = engine.get_global_grad_norm()
+        return bool(engine.was_step_applied()), float(norm) if norm is not None else float("nan"), nonfinite
+
+    def _advance_schedule(self, updates: int) -> None:
+        for _ in range(updates):
+            self._scheduler.step()
+
+    def _finish(self, metrics: dict[str, float], start: float) -> dict[str, float]:
+        metrics["train/version"] = float(self._version)
+        metrics["timing/learner_s"] = time.perf_counter() - start
+        return metrics
+
+    # ---------------------------------------------------------------------------------------------- weights
+
+    @contextmanager
+    def _gathered(self, param: torch.nn.Parameter) -> Iterator[torch.Tensor]:
+        """The full tensor of ``param`` (ZeRO-3: gathered from every rank for the duration of the block)."""
+        if hasattr(param, "ds_id"):
+            with self._deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                yield param.data
+        else:
+            yield param.data
+
+    def iter_weights(self) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """Yield ``(names, tensor)`` per parameter (in ``state_dict`` order), then per persistent buffer.
+
+        ``names`` lists every ``state_dict`` key of the tensor (tied weights, e.g. an LM head sharing the embedding,
+        appear once with both names). Under ZeRO-3 the tensor is gathered only while the consumer holds it: use it
+        (copy, broadcast) before advancing. A collective under ZeRO-3: every rank must iterate.
+        """
+        module = self.engine.module
+        keys = list(module.state_dict(keep_vars=True).keys())
+        key_set = set(keys)
+        by_param: dict[int, list[str]] = {}
+        params: dict[int, torch.nn.Parameter] = {}
+        for name, param in module.named_parameters(remove_duplicate=False):
+            if name in key_set:
+                by_param.setdefault(id(param), []).append(name)
+                params[id(param)] = param
+        order = {name: i for i, name in enumerate(keys)}
+        for pid in sorted(by_param, key=lambda p: order[by_param[p][0]]):
+            with self._gathered(params[pid]) as tensor:
+                yield by_param[pid], tensor
+        param_names = {n for names in by_param.values() for n in names}
+        for name, buf in module.named_buffers():
+            if name in key_set and name not in param_names:
+                yield [name], buf
+
+    def get_weights(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """``(version, state_dict)``: the current policy's full weights on the CPU, keyed like HF's ``state_dict``.
+
+        Tied aliases share one CPU tensor. The tensors have the dtype the policy computes in (bf16 under bf16).
+        Loads into a fresh model of the same architecture with ``load_state_dict(strict=True)``. Under ZeRO-3 every
+        rank must call it; ranks other than 0 return an empty dict.
+        """
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        state: dict[str, torch.Tensor] = {}
+        for names, tensor in self.iter_weights():
+            if rank0:
+                # copy=True: on the CPU .to("cpu") would return the engine's own storage, which the next step
+                # overwrites in place.
+                cpu = tensor.detach().to("cpu", copy=True)
+                for name in names:
+                    state[name] = cpu
+        return self._version, state
+
+    def distance_from_reference(self) -> float:
+        """L2 norm of ``policy - reference`` over all parameters (0.0 until the first update).
+
+        The reference is the frozen reference model (``model.reference``, else the starting weights). With RLOO at
+        ``beta == 0`` no reference is kept, so the starting weights are read from ``model_path`` for this call.
+        Under ZeRO-3 a collective, like :meth:`get_weights`.
+        """
+        reference = self.reference
+        if reference is None:
+            reference = _load_causal_lm(self.model_path, DTYPES[self.model_cfg.dtype], self.model_cfg.trust_remote_code)
+        ref_params = dict(reference.named_parameters(remove_duplicate=False))
+        total = 0.0
+        for names, tensor in self.iter_weights():
+            ref = ref_params.get(names[0])
+            if ref is not None:
+                total += (tensor.float() - ref.detach().to(tensor.device).float()).square().sum().item()
+        return math.sqrt(total)
+
+    def save(self, path: str) -> None:
+        """Write the current policy (HF ``save_pretrained``) and its tokenizer to ``path`` (rank 0 writes)."""
+        from transformers import AutoTokenizer
+
+        _, state = self.get_weights()
+        if not state:
+            return
+        self.engine.module.save_pretrained(path, state_dict=state)
+        tokenizer_path = self.model_cfg.tokenizer or self.model_path
+        AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=self.model_cfg.trust_remote_code
+                                      ).save_pretrained(path)
+
+    # ----------------------------------------------------------------------------------------------- close
+
+    def close(self) -> None:
+        """Free the engine and the reference model; destroy the process group if learners created it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.destroy()
+        self.engine = None  # type: ignore[assignment]
+        self.reference = None
+        self._client_optimizer = None  # type: ignore[assignment]
+        self._scheduler = None  # type: ignore[assignment]
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._release()
+
+    def _release(self) -> None:
+        if self._hf_ds_config is not None:
+            self._hf_ds_config = None
+            _GROUP["zero3"] -= 1
+            if _GROUP["zero3"] == 0:
+                _restore_linear()
+        if self._owns_group:
+            self._owns_group = False
+            _release_process_group()
+
+
+def _forward_parameters(model: torch.nn.Module) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(model.forward).parameters)
