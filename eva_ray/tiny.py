@@ -94,3 +94,42 @@ def save_tiny_models(root: str | Path, *, seed: int = 0, **shape) -> dict[str, s
         tokenizer.save_pretrained(folder)
         paths[name] = str(folder)
     return paths
+
+
+TINY_SCHEME = "tiny:"
+_TINY_KINDS = ("policy", "reward")
+
+
+def tiny_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("EVA_RAY_CACHE", Path.home() / ".cache" / "eva-ray")) / "tiny"
+
+
+def resolve_model_path(path: str | None, *, seed: int = 0) -> str | None:
+    """Turn ``tiny:policy`` / ``tiny:reward`` into a folder holding that tiny model (built once, then cached).
+
+    This lets a config name a tiny model without a preparation step; every other path is returned unchanged. The
+    folder is written to a temporary name and renamed into place, so concurrent runs never see half a model.
+    """
+    if path is None or not path.startswith(TINY_SCHEME):
+        return path
+    kind = path[len(TINY_SCHEME):]
+    if kind not in _TINY_KINDS:
+        raise ValueError(f"{path!r}: a tiny model is one of {', '.join(TINY_SCHEME + k for k in _TINY_KINDS)}")
+    root = tiny_cache_dir() / f"seed{seed}"
+    folder = root / kind
+    if not (folder / "config.json").is_file():
+        import shutil
+        import tempfile
+
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=".build-"))
+        save_tiny_models(staging, seed=seed)
+        for name in _TINY_KINDS:
+            try:
+                (staging / name).rename(root / name)
+            except OSError:  # another process finished first; its copy is identical (same seed)
+                pass
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(folder)

@@ -27,3 +27,20 @@ def test_tiny_models_round_trip_and_chat_template(tmp_path):
     with torch.no_grad():
         scores = reward(**tok(["a", "bb"], return_tensors="pt", padding=True)).logits
     assert scores.shape == (2, 1) and torch.isfinite(scores).all()
+
+
+def test_tiny_scheme_builds_once_and_passes_other_paths_through(tmp_path, monkeypatch):
+    from eva_ray.tiny import resolve_model_path
+
+    monkeypatch.setenv("EVA_RAY_CACHE", str(tmp_path))
+    policy = resolve_model_path("tiny:policy")
+    assert (tmp_path / "tiny" / "seed0" / "policy" / "config.json").is_file() and policy.endswith("policy")
+    stamp = (tmp_path / "tiny" / "seed0" / "policy" / "config.json").stat().st_mtime_ns
+    assert resolve_model_path("tiny:policy") == policy  # cached: not rebuilt
+    assert (tmp_path / "tiny" / "seed0" / "policy" / "config.json").stat().st_mtime_ns == stamp
+    assert resolve_model_path("tiny:reward").endswith("reward")
+    assert resolve_model_path("/models/gemma") == "/models/gemma" and resolve_model_path(None) is None
+    import pytest
+
+    with pytest.raises(ValueError, match="a tiny model is one of"):
+        resolve_model_path("tiny:oracle")

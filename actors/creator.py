@@ -1,0 +1,342 @@
+"""The creator: owns the seed set D, the prioritized generative buffer, the phase schedule and the evolver.
+
+Per step the driver asks ``next_batch(step)`` for the minibatch the schedule plans (seeds from D in order, buffer
+prompts drawn by informativeness) and later hands back the rewards with ``report(step, rewards)``. ``report``
+measures each prompt's informativeness, pops the trained buffer entries, picks the most informative prompts as
+parents and *starts* evolving them as an asyncio task, then returns at once: evolving never stalls training. The
+children enter the buffer whenever the LLM answers. Only in bootstrap, when D is used up and the buffer cannot fill a
+minibatch, does ``next_batch`` wait for in-flight evolve work, and then only for ``creator.bootstrap_wait_s``.
+
+Every public method is a coroutine, so under Ray this is an async actor whose event loop also runs the evolve tasks,
+and inline (tests, one machine) the driver runs it on an event loop of its own.
+
+The evolve LLM is reached through ``litellm.acompletion``; with ``evolve.local_model_path`` set, an in-process
+LiteLLM provider serves a local Hugging Face model instead of a remote API (no network needed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eva_ray.buffer import GenerativeBuffer
+from eva_ray.config import Config, EvolveConfig
+from eva_ray.evolve.evolver import Complete, EvolveBatch, EvolveCounts, Evolver
+from eva_ray.evolve.judge import llm_judge_scorer
+from eva_ray.evolve.validate import EvolveValidator
+from eva_ray.informativeness import score_prompts
+from eva_ray.metrics import histogram
+from eva_ray.records import PromptRecord
+from eva_ray.sampling import select_indices
+from eva_ray.schedule import PHASES, BatchPlan, PhaseSettings, RunState, plan_batch
+
+# Errors worth retrying: the provider is overloaded, slow or briefly unreachable. Anything else (bad key, bad
+# request, unknown model) fails the same way on every retry, so it is counted at once.
+_RETRYABLE = ("RateLimitError", "Timeout", "APIConnectionError", "ServiceUnavailableError", "InternalServerError",
+              "TimeoutError")
+_TABLE_ROWS = 64  # evolved prompts kept for the wandb table
+
+
+class CreatorStarved(RuntimeError):
+    """D is used up and the buffer cannot supply a single prompt: evolving has stopped producing children."""
+
+
+@dataclass
+class Batch:
+    """One minibatch of prompts and how it was composed."""
+
+    step: int
+    phase: str
+    prompts: list[PromptRecord]
+    plan: BatchPlan
+    from_buffer: list[bool]
+    waited_s: float = 0.0
+
+
+def litellm_complete(cfg: EvolveConfig, counters: Counter) -> Complete:
+    """Bind LiteLLM to the evolver's ``complete(messages) -> str``, with retries and exponential backoff.
+
+    The API key is read from the environment variable the config names, so it never sits in a config file, a log
+    or a checkpoint.
+    """
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch of the price table
+    import litellm
+
+    api_key = None
+    if cfg.api_key_env:
+        api_key = os.environ.get(cfg.api_key_env)
+        if not api_key:
+            raise RuntimeError(f"evolve.api_key_env names {cfg.api_key_env!r}, which is not set in the environment")
+
+    async def complete(messages: list[dict[str, str]]) -> str:
+        delay = cfg.retry_backoff_s
+        for attempt in range(cfg.max_retries + 1):
+            try:
+                response = await litellm.acompletion(
+                    model=cfg.model, messages=messages, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                    timeout=cfg.timeout_s, api_base=cfg.api_base, api_key=api_key,
+                )
+                counters["calls"] += 1
+                return response.choices[0].message.content or ""
+            except Exception as exc:
+                if attempt == cfg.max_retries or type(exc).__name__ not in _RETRYABLE:
+                    raise
+                counters["retries"] += 1
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    return complete
+
+
+class Creator:
+    """See the module docstring. ``complete`` replaces the LiteLLM binding (tests of other parts use it)."""
+
+    def __init__(self, cfg: Config, seed_prompts: list[PromptRecord], *, run_dir: str | None = None,
+                 complete: Complete | None = None) -> None:
+        if not seed_prompts:
+            raise ValueError("the creator needs a non-empty seed set D")
+        self.cfg = cfg
+        self.creator_cfg = cfg.creator
+        self.settings = PhaseSettings.from_config(cfg.creator)
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.rng = np.random.default_rng(cfg.run.seed)
+        self.seeds = list(seed_prompts)
+        self.seed_total = len(self.seeds) * cfg.creator.seed_epochs
+        self.seed_used = 0
+        self.buffer = GenerativeBuffer(cfg.creator.capacity, staleness_coef=cfg.creator.staleness_coef)
+        self.warmed_up = False
+
+        ev = cfg.evolve
+        self.validator = EvolveValidator(max_length_ratio=ev.max_length_ratio, parent_similarity=ev.parent_similarity,
+                                         buffer_similarity=ev.buffer_similarity)
+        for record in self.seeds:  # an evolved prompt that repeats a seed prompt adds nothing
+            self.validator.register(record.prompt_text)
+        self.llm_counters: Counter = Counter()
+        self.local_provider = None
+        if complete is None:
+            if ev.local_model_path:
+                from actors.local_llm import register_local_provider
+
+                self.local_provider = register_local_provider(ev.local_model_path,
+                                                              provider=ev.model.split("/", 1)[0])
+                # A provider may be reused across runs in one process; count only this creator's calls.
+                self._provider_baseline = self.local_provider.stats()
+            if not ev.model:
+                raise ValueError("evolve.model is empty: name the LiteLLM model that evolves prompts")
+            complete = litellm_complete(ev, self.llm_counters)
+        self.evolver = Evolver(complete, style=ev.style, operators=ev.operators, validator=self.validator,
+                               rng_seed=cfg.run.seed + 1, max_concurrency=ev.concurrency, timeout_s=ev.timeout_s,
+                               system_message=ev.system_message)
+        self.scorer = llm_judge_scorer(complete) if ev.tree_bon_width > 0 else None
+
+        self._pending: dict[int, Batch] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.counts = EvolveCounts()
+        self.add_counts: Counter = Counter()  # added / duplicate / evicted / popped in the buffer
+        self.evolved_rows: deque = deque(maxlen=_TABLE_ROWS)
+        self.task_errors: Counter = Counter()
+        self.last_batch_info: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------------ next batch
+
+    def _state(self, step: int) -> RunState:
+        self.warmed_up = self.warmed_up or len(self.buffer) >= self.settings.capacity
+        return RunState(step=step, buffer_size=len(self.buffer), seed_remaining=self.seed_total - self.seed_used,
+                        warmed_up=self.warmed_up)
+
+    def _take_seeds(self, n: int) -> list[PromptRecord]:
+        out = []
+        for _ in range(n):
+            epoch, index = divmod(self.seed_used, len(self.seeds))
+            if index == 0 and epoch > 0:  # a new pass over D, in a new (seeded) order
+                self.seeds = [self.seeds[i] for i in self.rng.permutation(len(self.seeds))]
+            out.append(self.seeds[index])
+            self.seed_used += 1
+        return out
+
+    async def _wait_for_children(self, step: int, needed: int) -> float:
+        """Bootstrap only: wait (bounded) until in-flight evolving brings the buffer to ``needed`` prompts."""
+        start = time.monotonic()
+        deadline = start + self.creator_cfg.bootstrap_wait_s
+        while len(self.buffer) < needed and self._tasks and time.monotonic() < deadline:
+            await asyncio.wait(set(self._tasks), timeout=deadline - time.monotonic(),
+                               return_when=asyncio.FIRST_COMPLETED)
+        return time.monotonic() - start
+
+    async def next_batch(self, step: int) -> Batch:
+        """The minibatch for ``step`` as the schedule plans it."""
+        plan = plan_batch(self._state(step), self.settings)
+        waited = 0.0
+        if plan.short and plan.phase == "bootstrap":
+            waited = await self._wait_for_children(step, self.settings.batch_size)
+            plan = plan_batch(self._state(step), self.settings)
+        if plan.size == 0:
+            raise CreatorStarved(
+                f"step {step}: D is used up and the buffer is empty after waiting {waited:.0f}s for evolved "
+                f"prompts; evolve outcomes so far: {self.counts.to_dict() | {'latencies_s': '...'}}")
+        seeds = self._take_seeds(plan.n_seed)
+        drawn = self.buffer.sample(plan.n_buffer, mode=self.creator_cfg.sampling, rng=self.rng, step=step) \
+            if plan.n_buffer else []
+        batch = Batch(step=step, phase=plan.phase, prompts=seeds + list(drawn), plan=plan,
+                      from_buffer=[False] * len(seeds) + [True] * len(drawn), waited_s=waited)
+        self._pending[step] = batch
+        return batch
+
+    # ------------------------------------------------------------------------------------------------ report
+
+    async def report(self, step: int, rewards: list[list[float]]) -> dict[str, Any]:
+        """Rewards ``[P][N]`` for the prompts of ``next_batch(step)``, in that order. Starts evolving; returns at once."""
+        batch = self._pending.pop(step, None)
+        if batch is None:
+            raise KeyError(f"report for step {step}, which has no outstanding batch")
+        if len(rewards) != len(batch.prompts):
+            raise ValueError(f"step {step}: {len(rewards)} reward rows for {len(batch.prompts)} prompts")
+        info = score_prompts(rewards, self.creator_cfg.metric, inverse_eps=self.creator_cfg.inverse_eps)
+        for record, score, in_buffer in zip(batch.prompts, info.scores, batch.from_buffer):
+            if not in_buffer:  # buffer entries are counted by the buffer's mark_trained below
+                record.times_trained += 1
+            if np.isfinite(score):
+                record.info, record.info_measured = float(score), True
+
+        buffer_ids = [r.id for r, b in zip(batch.prompts, batch.from_buffer) if b]
+        if buffer_ids:
+            self.buffer.update_scores(buffer_ids, [r.info if r.info is not None else np.nan
+                                                   for r, b in zip(batch.prompts, batch.from_buffer) if b])
+            self.buffer.mark_trained(buffer_ids)
+            if batch.plan.pops_trained:
+                self._forget(self.buffer.pop(buffer_ids), "popped")
+
+        k = min(batch.plan.n_parents, len(batch.prompts))
+        picked = select_indices(np.nan_to_num(info.scores, nan=0.0), k, mode=self.creator_cfg.parent_selection,
+                                rng=self.rng)
+        parents = [batch.prompts[i] for i in picked]
+        n_children = batch.plan.n_children
+        task = asyncio.create_task(self._evolve(parents, n_children, step))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+        finite = info.scores[np.isfinite(info.scores)]
+        self.last_batch_info = {
+            "phase": batch.phase, "evolved_fraction": float(np.mean([r.source == "evolved" for r in batch.prompts])),
+            "from_buffer": len(buffer_ids), "from_seed": len(batch.prompts) - len(buffer_ids),
+            "info_mean": float(finite.mean()) if finite.size else float("nan"),
+            "informative_fraction": float((finite > 0).mean()) if finite.size else 0.0,
+            "nonfinite_rewards": info.n_dropped, "parents": len(parents), "waited_s": batch.waited_s,
+            "generations": [r.generation for r in batch.prompts],
+            "difficulty": [r.meta.get("difficulty") for r in batch.prompts],
+        }
+        return {"scores": [float(s) for s in info.scores], "parents": [p.id for p in parents]}
+
+    async def _evolve(self, parents: list[PromptRecord], n_children: int, step: int) -> None:
+        if self.scorer is None:
+            result = await self.evolver.evolve(parents, n_children, step=step)
+        else:
+            chains = await asyncio.gather(*(self.evolver.evolve_tree_bon(
+                p, width=self.cfg.evolve.tree_bon_width, depth=self.cfg.evolve.tree_bon_depth, scorer=self.scorer,
+                step=step) for p in parents))
+            counts = EvolveCounts()
+            for chain in chains:
+                counts.add(chain.counts)
+            result = EvolveBatch(children=[c for chain in chains for c in chain.children], counts=counts)
+        self.counts.add(result.counts)
+        children = result.children
+        # Make room first, oldest out (the paper's "pop the oldest to keep size B"), so the evicted records' texts
+        # can be released from the duplicate index.
+        overflow = min(len(self.buffer), len(self.buffer) + len(children) - self.buffer.capacity)
+        if overflow > 0:
+            self._forget(self.buffer.evict_oldest(overflow), "evicted")
+        added = self.buffer.add(children, step)
+        by_id = {c.id: c for c in children}
+        self.add_counts["added"] += len(added.added)
+        self.add_counts["duplicate"] += len(added.rejected)
+        # Refused as duplicates, or (only when one call brings more than the whole capacity) dropped at once.
+        self._forget([by_id[i] for i in added.rejected + added.evicted], None)
+        for child_id in added.added:
+            child = by_id[child_id]
+            self.evolved_rows.append([step, child.id, child.parent_id, child.operator, child.generation,
+                                      child.info, child.prompt_text])
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # An evolve task must never die silently: count it; stats() shows it.
+            self.task_errors[type(task.exception()).__name__] += 1
+
+    def _forget(self, records: list[PromptRecord], counter: str | None) -> None:
+        """Records that left (or never entered) the buffer no longer block near-duplicates."""
+        for record in records:
+            self.validator.unregister(record.prompt_text)
+        if counter:
+            self.add_counts[counter] += len(records)
+
+    # ------------------------------------------------------------------------------------------------ metrics & end
+
+    async def stats(self) -> dict[str, Any]:
+        """``buffer/`` and ``creator/`` metrics for the step just reported."""
+        b = self.buffer.stats()
+        lat = np.asarray(self.counts.latencies_s, dtype=float)
+        batch = self.last_batch_info
+        buffer_metrics = {
+            "size": b["size"], "capacity": b["capacity"], "phase": PHASES.index(batch.get("phase", "warm-up")),
+            "evolved_fraction": batch.get("evolved_fraction", 0.0), "generations": dict(b["generations"]),
+            "operators": dict(b["operators"]), "measured_fraction": b["measured_fraction"],
+            "info_hist": histogram(self.buffer.info_values()),
+            "generation_hist": histogram(self.buffer.generation_values(), integer=True),
+            "seed_used": self.seed_used, "seed_total": self.seed_total,
+        }
+        creator_metrics = {
+            "evolve_requested": self.counts.requested, "evolve_ok": self.counts.ok,
+            "evolve_rejected": dict(self.counts.rejected), "evolve_failed": dict(self.counts.failed),
+            "evolve_rejected_total": self.counts.n_rejected, "evolve_failed_total": self.counts.n_failed,
+            "latency_p50_s": float(np.percentile(lat, 50)) if lat.size else 0.0,
+            "latency_p95_s": float(np.percentile(lat, 95)) if lat.size else 0.0,
+            "in_flight": len(self._tasks), "llm_calls": self.llm_counters["calls"],
+            "llm_retries": self.llm_counters["retries"], "task_errors": dict(self.task_errors),
+            "buffer_added": self.add_counts["added"], "buffer_evicted": self.add_counts["evicted"],
+            "buffer_popped": self.add_counts["popped"],
+            "batch_info_mean": batch.get("info_mean", float("nan")),
+            "batch_informative_fraction": batch.get("informative_fraction", 0.0),
+            "batch_waited_s": batch.get("waited_s", 0.0),
+        }
+        return {"buffer": buffer_metrics, "creator": creator_metrics,
+                "phase_name": batch.get("phase", "warm-up"), "batch": batch}
+
+    async def evolved_table(self) -> list[list[Any]]:
+        """Recent evolved prompts: step, id, parent id, operator, generation, informativeness, text."""
+        return [list(row) for row in self.evolved_rows]
+
+    async def drain(self, timeout_s: float = 60.0) -> int:
+        """Wait for in-flight evolve tasks (at the end of a run); returns how many were still running after."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        return len(self._tasks)
+
+    async def snapshot(self, path: str) -> str:
+        self.buffer.snapshot(path)
+        return path
+
+    async def buffer_records(self) -> list[dict[str, Any]]:
+        return [r.to_dict() for r in self.buffer.records()]
+
+    async def provider_stats(self) -> dict[str, Any]:
+        """The local provider's counters since this creator started ({} when evolving uses a remote API)."""
+        if self.local_provider is None:
+            return {}
+        now = self.local_provider.stats()
+        counters = ("calls", "completed", "failed", "timeouts", "bad_requests", "errors", "cancelled",
+                    "prompt_tokens", "completion_tokens", "batches", "requests_batched")
+        return {k: (v - self._provider_baseline.get(k, 0) if k in counters else v) for k, v in now.items()}
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
