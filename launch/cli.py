@@ -13,6 +13,7 @@ Errors in a config print one line per problem (the dotted path, the bad value, w
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from eva_ray.config import ConfigError, load_config, reference_markdown, to_yaml
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Per-shard "Loading weights" bars from every actor drown the one progress line per step that matters.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -1,0 +1,199 @@
+"""Starting the actors: on a Ray cluster (joined or started), or inline as plain objects.
+
+Under ``ray job submit`` the job's driver finds the cluster through ``RAY_ADDRESS``; run alone, the driver starts a
+local Ray instance (dashboard off, so nothing listens beyond this process) and stops it at the end. Rollout workers
+are placed through a placement group with the configured strategy (``SPREAD`` puts them on different nodes), and the
+node of every worker is recorded in the run's summary.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from actors.creator import Creator
+from actors.learner import Learner
+from actors.reward import RewardActor
+from actors.rollout import RolloutWorker
+from eva_ray.config import Config
+from eva_ray.records import PromptRecord
+from launch.group import RolloutGroup
+from launch.handles import ActorHandle, InlineActor, RayActor, gather
+
+_PLACEMENT_TIMEOUT_S = 120
+# Set for every actor. Per-actor runtime_env fields merge with a job's (its working_dir stays), so this also holds
+# under `ray job submit`. No network fetch of LiteLLM's price table; no progress bars from every actor's loads.
+ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+             "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot host the configured actors."""
+
+
+def actor_kwargs(cfg: Config, train: list[PromptRecord], run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Constructor arguments of every role, from the config alone (the same inline and under Ray)."""
+    model_path = cfg.model.path
+    r = cfg.rollout
+    return {
+        "rollout": dict(model_path=model_path, backend=r.backend, tokenizer_path=cfg.model.tokenizer,
+                        dtype=cfg.model.dtype, temperature=r.temperature, top_p=r.top_p,
+                        max_new_tokens=r.max_new_tokens, max_prompt_tokens=r.max_prompt_tokens, seed=cfg.run.seed,
+                        static_cache=r.static_cache, gpu_memory_utilization=r.gpu_memory_utilization),
+        "reward": dict(backend=cfg.reward.backend, model=cfg.reward.model, function=cfg.reward.function,
+                       trust_remote_code=cfg.reward.trust_remote_code, batch_size=cfg.reward.batch_size,
+                       max_length=cfg.reward.max_length),
+        "creator": dict(cfg=cfg, seed_prompts=train, run_dir=str(run_dir)),
+        # The learner takes log-probs at the temperature the responses were sampled with.
+        "learner": dict(model_path=model_path, solver=cfg.solver, learner=cfg.learner, model=cfg.model,
+                        total_steps=cfg.run.total_steps, seed=cfg.run.seed, temperature=r.temperature),
+    }
+
+
+@dataclass
+class System:
+    """The running actors and the little state the driver keeps about them."""
+
+    creator: ActorHandle
+    rollout: RolloutGroup
+    reward: ActorHandle
+    learner: ActorHandle
+    pad_token_id: int
+    learner_version: int = 0
+    rollout_nodes: list[str] = field(default_factory=list)
+    stop_ray: bool = False
+
+    def sync_weights(self) -> int:
+        version, weights = gather([self.learner.call("get_weights")])[0]
+        self.rollout.update_weights(weights, version)
+        return version
+
+    def finish(self, run_dir: Path) -> dict[str, Any]:
+        """Wait briefly for in-flight evolving, save the buffer and the policy, and collect the end-of-run facts."""
+        still_running = gather([self.creator.call("drain", 30.0)])[0]
+        gather([self.creator.call("snapshot", str(run_dir / "buffer.json"))])
+        gather([self.learner.call("save", str(run_dir / "policy"))])
+        stats = gather([self.creator.call("stats")])[0]
+        return {
+            "evolve_tasks_unfinished": still_running,
+            "buffer": {k: v for k, v in stats["buffer"].items() if not k.endswith("_hist")},
+            "creator": stats["creator"],
+            "provider": gather([self.creator.call("provider_stats")])[0],
+            "learner_version": self.learner_version,
+            "weight_change": gather([self.learner.call("distance_from_reference")])[0],
+            "rollout_nodes": self.rollout_nodes,
+        }
+
+    def shutdown(self) -> None:
+        for handle in [self.creator, self.reward, self.learner, *self.rollout.workers]:
+            try:
+                handle.shutdown()
+            except Exception as exc:  # one actor failing to close must not keep the others alive
+                print(f"eva-ray: {handle.name} did not close cleanly: {exc}")
+        if self.stop_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _pad_token_id(cfg: Config) -> int:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ClusterError(f"tokenizer of {cfg.model.tokenizer or cfg.model.path} has neither a pad nor an eos token")
+    return pad
+
+
+def _check_supported(cfg: Config) -> None:
+    for role in ("learner", "reward"):
+        n = getattr(cfg.resources, role).num_workers
+        if n != 1:
+            raise ClusterError(f"resources.{role}.num_workers: {n}; this version runs exactly one {role} actor")
+
+
+def start_system(cfg: Config, train: list[PromptRecord], run_dir: Path, *, inline: bool,
+                 echo: Callable[[str], None] = print) -> System:
+    _check_supported(cfg)
+    kwargs = actor_kwargs(cfg, train, run_dir)
+    pad = _pad_token_id(cfg)
+    if inline:
+        n = cfg.resources.rollout.num_workers
+        workers = [InlineActor(RolloutWorker(**kwargs["rollout"], worker_index=i), f"rollout-{i}") for i in range(n)]
+        return System(
+            creator=InlineActor(Creator(**kwargs["creator"]), "creator"),
+            rollout=RolloutGroup(workers),
+            reward=InlineActor(RewardActor(**kwargs["reward"]), "reward"),
+            learner=InlineActor(Learner(**kwargs["learner"]), "learner"),
+            pad_token_id=pad,
+        )
+    return _start_on_ray(cfg, kwargs, pad, echo)
+
+
+def connect_ray(echo: Callable[[str], None] = print) -> bool:
+    """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``) or start a local one; True if started."""
+    # Without this, a node started at 127.0.0.1 still binds the machine's outside address, and a driver on the
+    # loopback address waits forever for its GCS. Ray reads it when it is imported.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address="auto", log_to_driver=True)
+        echo(f"eva-ray: joined the Ray cluster at {os.environ['RAY_ADDRESS']}")
+        return False
+    # address="local": always a fresh instance, never a stale cluster some earlier process left registered.
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+    echo("eva-ray: started a local Ray instance")
+    return True
+
+
+def _start_on_ray(cfg: Config, kwargs: dict[str, dict[str, Any]], pad: int, echo: Callable[[str], None]) -> System:
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    started = connect_ray(echo)
+    res = cfg.resources
+
+    def bundle(r) -> dict[str, float]:
+        return {"CPU": r.num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {})}
+
+    def remote(cls, r, **options):
+        return ray.remote(cls).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus,
+                                       runtime_env={"env_vars": ACTOR_ENV}, **options)
+
+    n = res.rollout.num_workers
+    pg = placement_group([bundle(res.rollout)] * n, strategy=res.placement)
+    t0 = time.monotonic()
+    if not pg.wait(timeout_seconds=_PLACEMENT_TIMEOUT_S):
+        raise ClusterError(f"{n} rollout workers ({bundle(res.rollout)} each, strategy {res.placement}) could not be "
+                           f"placed within {_PLACEMENT_TIMEOUT_S}s; the cluster has {ray.cluster_resources()}")
+    bundle_nodes = placement_group_table(pg)["bundles_to_node_id"]
+    nodes = [bundle_nodes[i] for i in range(n)]
+    echo(f"eva-ray: placed {n} rollout workers on {len(set(nodes))} node(s) in {time.monotonic() - t0:.1f}s")
+    workers = [
+        RayActor(remote(RolloutWorker, res.rollout, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            pg, placement_group_bundle_index=i)).remote(**kwargs["rollout"], worker_index=i), f"rollout-{i}")
+        for i in range(n)
+    ]
+    system = System(
+        creator=RayActor(remote(Creator, res.creator).remote(**kwargs["creator"]), "creator"),
+        rollout=RolloutGroup(workers, share=ray.put),
+        reward=RayActor(remote(RewardActor, res.reward).remote(**kwargs["reward"]), "reward"),
+        learner=RayActor(remote(Learner, res.learner).remote(**kwargs["learner"]), "learner"),
+        pad_token_id=pad, rollout_nodes=nodes, stop_ray=started,
+    )
+    # Constructors run asynchronously; wait for all of them so a failing one is reported now, by name.
+    for handle in [system.creator, system.reward, system.learner, *workers]:
+        try:
+            gather([handle.call("__ray_ready__")])
+        except Exception as exc:
+            system.shutdown()
+            raise ClusterError(f"the {handle.name} actor failed to start: {exc}") from exc
+    return system

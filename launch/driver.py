@@ -1,0 +1,231 @@
+"""The driver: online eva, one minibatch per step (the paper's Algorithm 1 in its online form, appendix A).
+
+    eva-ray run --config configs/tiny.yaml                       # local Ray, started and stopped by the run
+    ray job submit --working-dir . -- python -m launch run --config configs/tiny.yaml   # on a running cluster
+    eva-ray run --config configs/tiny.yaml --inline              # no Ray at all: actors as plain objects
+
+Each step reads top to bottom like the algorithm:
+
+    creator step   next_batch  -> prompts from D and from the buffer, as the phase schedule plans
+    solver step    generate    -> n responses per prompt from the current policy (rollout group)
+                   score       -> rewards (reward actor)
+    creator step   report      -> informativeness, parents, evolve started in the background
+    solver step    train_step  -> RLOO / OAIF update (learner); weights pushed to the rollout group
+
+Shaped for overlap: generating step t+1 only needs the weights of step t - k for a staleness bound k, so a later
+version can start ``generate`` for the next batch before ``train_step`` returns; today the steps run in sequence and
+the staleness bound is checked on every rollout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eva_ray.batching import collate
+from eva_ray.config import Config, to_dict, to_yaml
+from eva_ray.data import load_seed_prompts, split_seed_set
+from eva_ray.records import PromptRecord
+from eva_ray.tiny import resolve_model_path
+from launch.cluster import System, start_system
+from launch.handles import gather
+from launch.metrics import MetricsLogger
+from launch.progress import Progress
+
+
+class StalePolicyError(RuntimeError):
+    """A rollout came from a policy older than ``learner.max_staleness`` versions."""
+
+
+@dataclass
+class RunSummary:
+    run_dir: str
+    steps_done: int = 0
+    phases: list[str] = field(default_factory=list)
+    """The phase of every step, in order."""
+    max_staleness_seen: int = 0
+    eval: dict[str, Any] = field(default_factory=dict)
+    final: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False
+    error: str | None = None
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.__dict__, indent=2, default=str))
+
+
+def make_run_dir(cfg: Config) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}"
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}-{suffix}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def load_prompts(cfg: Config) -> tuple[list[PromptRecord], list[PromptRecord], str]:
+    records, report = load_seed_prompts(cfg.data.path, format=cfg.data.format, prompt_field=cfg.data.prompt_field,
+                                        id_field=cfg.data.id_field, max_prompt_chars=cfg.data.max_prompt_chars)
+    train, held_out = split_seed_set(records, eval_size=cfg.data.eval_size, shuffle=cfg.data.shuffle,
+                                     seed=cfg.run.seed, max_prompts=cfg.data.max_prompts)
+    return train, held_out, report.summary()
+
+
+def check_staleness(groups, learner_version: int, max_staleness: int) -> int:
+    """The largest lag of any rollout behind the learner; raises past the bound (a silent off-policy drift)."""
+    lag = max(learner_version - r.policy_version for group in groups for r in group)
+    if lag > max_staleness:
+        raise StalePolicyError(f"a rollout lags {lag} policy versions behind the learner (version "
+                               f"{learner_version}); learner.max_staleness is {max_staleness}")
+    return lag
+
+
+def rollout_metrics(groups, rewards: list[list[float]], seconds: float) -> dict[str, float]:
+    flat = np.array([r for row in rewards for r in row], dtype=float)
+    finite = flat[np.isfinite(flat)]
+    lengths = np.array([len(r.response_token_ids) for g in groups for r in g], dtype=float)
+    stopped = np.array([r.finish_reason == "stop" for g in groups for r in g], dtype=float)
+    return {
+        "reward_mean": float(finite.mean()) if finite.size else math.nan,
+        "reward_std": float(finite.std()) if finite.size else math.nan,
+        "reward_nonfinite": int(flat.size - finite.size),
+        "response_length_mean": float(lengths.mean()), "response_length_max": float(lengths.max()),
+        "stop_fraction": float(stopped.mean()),
+        "tokens_per_s": float(lengths.sum() / seconds) if seconds > 0 else 0.0,
+        "policy_version_min": min(r.policy_version for g in groups for r in g),
+    }
+
+
+class Evaluator:
+    """Win-rate of the current policy against the initial one on held-out prompts, judged by the reward actor.
+
+    The initial policy's answers are generated once, before the first update; each evaluation samples the current
+    policy's answers to the same prompts and asks the reward actor which is better (ties count half).
+    """
+
+    def __init__(self, system: System, prompts: list[PromptRecord]) -> None:
+        self.system = system
+        self.prompts = prompts
+        self.initial = self._answers() if prompts else []
+
+    def _answers(self) -> list[str]:
+        return [group[0].text for group in self.system.rollout.generate(self.prompts, 1)]
+
+    def evaluate(self) -> dict[str, float]:
+        current = self._answers()
+        # hard: a win is 1, a loss 0 and a tie (equal rewards, e.g. both answers right) 0.5.
+        wins = gather([self.system.reward.call("compare", self.prompts, current, self.initial, hard=True)])[0]
+        return {"win_rate": float(np.mean(wins)), "n_prompts": len(self.prompts)}
+
+
+def with_resolved_models(cfg: Config) -> Config:
+    """The config with ``tiny:`` model names replaced by the folders they are built into (once, by the driver)."""
+    seed = cfg.run.seed
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, path=resolve_model_path(cfg.model.path, seed=seed),
+                                  tokenizer=resolve_model_path(cfg.model.tokenizer, seed=seed),
+                                  reference=resolve_model_path(cfg.model.reference, seed=seed)),
+        reward=dataclasses.replace(cfg.reward, model=resolve_model_path(cfg.reward.model, seed=seed)),
+        evolve=dataclasses.replace(cfg.evolve,
+                                   local_model_path=resolve_model_path(cfg.evolve.local_model_path, seed=seed)),
+    )
+
+
+def run(cfg: Config, *, inline: bool = False, echo=print) -> RunSummary:
+    """Run online eva for ``cfg.run.total_steps`` steps; everything the run makes lands in its run directory."""
+    cfg = with_resolved_models(cfg)
+    train, held_out, data_report = load_prompts(cfg)
+    run_dir = make_run_dir(cfg)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    echo(f"eva-ray: run directory {run_dir}")
+    echo(f"eva-ray: seed set {data_report}; {len(train)} for training, {len(held_out)} held out")
+    summary = RunSummary(run_dir=str(run_dir))
+    logger = MetricsLogger(run_dir, project=cfg.logging.wandb_project, run_name=run_dir.name, config=to_dict(cfg),
+                           mode_setting=cfg.logging.wandb_mode, jsonl=cfg.logging.jsonl)
+    system = None
+    try:
+        system = start_system(cfg, train, run_dir, inline=inline, echo=echo)
+        evaluator = Evaluator(system, held_out) if held_out and cfg.logging.eval_every else None
+        progress = Progress(cfg.run.total_steps, enabled=cfg.logging.progress, echo=echo)
+        for step in range(cfg.run.total_steps):
+            metrics = one_step(cfg, system, step, summary)
+            summary.phases.append(metrics.pop("phase_name"))
+            if evaluator and (step + 1) % cfg.logging.eval_every == 0:
+                t0 = time.perf_counter()
+                metrics["eval"] = evaluator.evaluate()
+                metrics["timing"]["eval_s"] = time.perf_counter() - t0
+                summary.eval = metrics["eval"]
+            if (step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.run.total_steps:
+                logger.log(step + 1, metrics)
+            if cfg.creator.snapshot_every and (step + 1) % cfg.creator.snapshot_every == 0:
+                gather([system.creator.call("snapshot", str(run_dir / "buffer.json"))])
+            summary.steps_done = step + 1
+            progress.update(step + 1, metrics)
+        logger.table(summary.steps_done, "creator/evolved_prompts",
+                     ["step", "id", "parent_id", "operator", "generation", "info", "text"],
+                     gather([system.creator.call("evolved_table")])[0])
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        echo("eva-ray: interrupted; saving what the run has and shutting down")
+    except Exception as exc:
+        summary.error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        if system is not None:
+            summary.final = system.finish(run_dir)
+        summary.write(run_dir / "summary.json")
+        logger.close(summary={"final": summary.final, "steps_done": summary.steps_done})
+        if system is not None:
+            system.shutdown()
+    echo(f"eva-ray: done, {summary.steps_done} steps; outputs in {run_dir}")
+    return summary
+
+
+def one_step(cfg: Config, system: System, step: int, summary: RunSummary) -> dict[str, Any]:
+    """One step of online eva; returns its metrics (namespaced: train/, rollout/, buffer/, creator/, timing/)."""
+    timing: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timing[f"{name}_s"] = now - clock
+        clock = now
+
+    batch = gather([system.creator.call("next_batch", step)])[0]
+    lap("next_batch")
+    groups = system.rollout.generate(batch.prompts, cfg.solver.n_responses)
+    lap("generate")
+    summary.max_staleness_seen = max(summary.max_staleness_seen,
+                                     check_staleness(groups, system.learner_version, cfg.learner.max_staleness))
+    result = gather([system.reward.call("score", batch.prompts, [[r.text for r in g] for g in groups])])[0]
+    lap("reward")
+    gather([system.creator.call("report", step, result.rewards)])
+    lap("report")
+    train_metrics = gather([system.learner.call("train_step", collate(groups, result.rewards, system.pad_token_id))])[0]
+    system.learner_version = int(train_metrics["train/version"])
+    lap("train")
+    if (step + 1) % cfg.learner.sync_every == 0:
+        system.sync_weights()
+        lap("sync")
+    creator_stats = gather([system.creator.call("stats")])[0]
+    lap("stats")
+    timing["step_s"] = sum(timing.values())
+    return {
+        "train": {k.removeprefix("train/"): v for k, v in train_metrics.items() if k.startswith("train/")},
+        "rollout": rollout_metrics(groups, result.rewards, timing["generate_s"]),
+        "buffer": creator_stats["buffer"],
+        "creator": creator_stats["creator"],
+        "timing": timing | {k.removeprefix("timing/"): v for k, v in train_metrics.items()
+                            if k.startswith("timing/")},
+        "phase_name": creator_stats["phase_name"],
+    }

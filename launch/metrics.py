@@ -1,0 +1,118 @@
+"""Where metrics go: a JSONL file in the run directory and a wandb run, both keyed to ``train/global_step``.
+
+The JSONL file is the run's own record (one JSON object per logged step, flushed at once, so a crash loses at most
+the line being written); wandb is the live view. wandb runs offline when no API key is set, and an explicit
+``WANDB_MODE`` in the environment always wins. Values may be scalars, lists (logged as histograms) or dicts of counts
+(flattened to ``prefix/key`` scalars), so callers log what they have without formatting it for each sink.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from eva_ray.metrics import HIST_TAG, is_histogram
+
+STEP_KEY = "train/global_step"
+
+
+def wandb_mode(setting: str) -> str:
+    """Resolve ``logging.wandb_mode``: the environment's WANDB_MODE wins, then the setting; auto picks by API key."""
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return env
+    if setting != "auto":
+        return setting
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; null keeps the key visible
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items() if k != HIST_TAG}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _jsonable(value.item())
+    return value
+
+
+def flatten(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Turn nested count dicts into ``key/sub`` scalars; lists stay lists (histograms)."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict) and not is_histogram(value):
+            for sub, v in flatten({f"{key}/{k}": v for k, v in value.items()}).items():
+                flat[sub] = v
+        else:
+            flat[key] = value
+    return flat
+
+
+class MetricsLogger:
+    """Writes every logged step to ``metrics.jsonl`` and (unless disabled) to wandb."""
+
+    def __init__(self, run_dir: str | Path, *, project: str, run_name: str, config: dict[str, Any],
+                 mode_setting: str = "auto", jsonl: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = self.run_dir / "metrics.jsonl"
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8") if jsonl else None
+        self.mode = wandb_mode(mode_setting)
+        self._wandb = None
+        self._run = None
+        if self.mode != "disabled":
+            import wandb
+
+            self._wandb = wandb
+            self._run = wandb.init(project=project, name=run_name, dir=str(self.run_dir), mode=self.mode,
+                                   config=config, reinit="finish_previous")
+            self._run.define_metric(STEP_KEY)
+            self._run.define_metric("*", step_metric=STEP_KEY)
+
+    @property
+    def wandb_dir(self) -> Path | None:
+        return Path(self._run.dir).parent if self._run is not None else None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        flat = flatten(metrics)
+        flat[STEP_KEY] = step
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(_jsonable(flat)) + "\n")
+            self._jsonl.flush()
+        if self._run is not None:
+            self._run.log({k: self._to_wandb(v) for k, v in flat.items() if not self._empty(v)})
+
+    @staticmethod
+    def _empty(value: Any) -> bool:
+        return (isinstance(value, list) and not value) or (is_histogram(value) and not value["counts"])
+
+    def _to_wandb(self, value: Any) -> Any:
+        if is_histogram(value):
+            return self._wandb.Histogram(np_histogram=(value["counts"], value["edges"]))
+        if isinstance(value, list):
+            return self._wandb.Histogram(value)
+        return value
+
+    def table(self, step: int, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A wandb table (e.g. sampled evolved prompts); the JSONL file gets the same rows."""
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(_jsonable({STEP_KEY: step, name: {"columns": columns, "rows": rows}})) + "\n")
+            self._jsonl.flush()
+        if self._run is not None and rows:
+            self._run.log({name: self._wandb.Table(columns=columns, data=rows), STEP_KEY: step})
+
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        if self._run is not None:
+            if summary:
+                for key, value in flatten(summary).items():
+                    self._run.summary[key] = _jsonable(value)
+            self._run.finish()
+            self._run = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
