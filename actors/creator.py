@@ -125,7 +125,8 @@ class Creator:
             if ev.local_model_path:
                 from actors.local_llm import register_local_provider
 
-                self.local_provider = register_local_provider(ev.local_model_path,
+                # Load now: a lazy load would make the first evolve call take seconds while warm-up steps fly by.
+                self.local_provider = register_local_provider(ev.local_model_path, load_now=True,
                                                               provider=ev.model.split("/", 1)[0])
                 # A provider may be reused across runs in one process; count only this creator's calls.
                 self._provider_baseline = self.local_provider.stats()

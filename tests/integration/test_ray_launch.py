@@ -1,0 +1,104 @@
+"""The run on Ray, started the way users start it: `ray start`, `ray job submit`, and a two-node cluster."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_env(tmp_path: Path, tiny_cache: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        # Without this, `ray start --node-ip-address=127.0.0.1` still binds the machine's outside address.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "PATH": f"{BIN}:{env.get('PATH', '')}",  # the job's `python` must be this environment's
+        "EVA_RAY_CACHE": str(tiny_cache),
+        "WANDB_MODE": "offline",
+        "TOKENIZERS_PARALLELISM": "false",
+        # Ray 2.60's job API takes a token: keep that auth on, and let the CLI read ~/.ray/auth_token.
+        "RAY_AUTH_MODE": "token",
+    })
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_online_eva_end_to_end(tmp_path, tiny_cache, check_run):
+    env = ray_env(tmp_path, tiny_cache)
+    gcs_port, dash_port = free_port(), free_port()
+    temp_dir = Path("/tmp") / f"ray-eva-{os.getpid()}"  # short: Ray's socket paths must stay under 107 chars
+    start = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=4",
+             f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
+                   timeout=60)
+    subprocess.run(start, env=env, check=True, capture_output=True, text=True, timeout=180)
+    try:
+        out_dir = tmp_path / "runs"
+        address = f"--address=http://127.0.0.1:{dash_port}"
+        job_id = f"eva-test-{os.getpid()}"
+        submit = [str(BIN / "ray"), "job", "submit", address, "--submission-id", job_id, "--no-wait",
+                  "--working-dir", str(REPO),
+                  "--runtime-env-json", '{"excludes": ["runs/", "wandb/", ".git/", "docs/"]}',
+                  "--", "python", "-m", "launch", "run", "--config", "configs/tiny.yaml",
+                  f"run.output_dir={out_dir}"]
+        subprocess.run(submit, env=env, check=True, capture_output=True, text=True, timeout=120)
+        status, deadline = "", time.monotonic() + 900
+        while time.monotonic() < deadline:
+            done = subprocess.run([str(BIN / "ray"), "job", "status", address, job_id], env=env,
+                                  capture_output=True, text=True, timeout=60)
+            status = done.stdout + done.stderr  # the CLI logs its verdict to stderr: "Job '<id>' succeeded"
+            if any(f"Job '{job_id}' {word}" in status for word in ("succeeded", "failed", "stopped")):
+                break
+            time.sleep(2)
+        logs = subprocess.run([str(BIN / "ray"), "job", "logs", address, job_id], env=env, capture_output=True,
+                              text=True, timeout=60).stdout
+        assert f"Job '{job_id}' succeeded" in status, status + logs[-4000:]
+        assert "joined the Ray cluster" in logs and "step 20/20" in logs
+        (run_dir,) = out_dir.iterdir()
+        check_run(run_dir, steps=20)
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_rollout_workers_spread_over_two_nodes(tmp_path, tiny_cache, monkeypatch, check_run):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from eva_ray.config import load_config
+    from launch.driver import run
+
+    monkeypatch.setenv("EVA_RAY_CACHE", str(tiny_cache))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": False})
+    cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+    try:
+        ray.init(address=cluster.address)
+        cfg = load_config("configs/tiny.yaml", [f"run.output_dir={tmp_path}", "resources.rollout.num_workers=2",
+                                                "resources.placement=STRICT_SPREAD", "solver.algorithm=oaif"])
+        summary = run(cfg, echo=lambda line: None)
+        run_out = check_run(summary.run_dir, steps=cfg.run.total_steps)
+        nodes = run_out["summary"]["final"]["rollout_nodes"]
+        assert len(nodes) == 2 and len(set(nodes)) == 2
+        assert set(nodes) == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
