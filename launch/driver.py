@@ -186,8 +186,33 @@ def run(cfg: Config, *, inline: bool = False, echo=print) -> RunSummary:
         logger.close(summary={"final": summary.final, "steps_done": summary.steps_done})
         if system is not None:
             system.shutdown()
-    echo(f"eva-ray: done, {summary.steps_done} steps; outputs in {run_dir}")
+    for line in summary_lines(summary):
+        echo(line)
     return summary
+
+
+def summary_lines(summary: RunSummary) -> list[str]:
+    """The end-of-run report: how the phases went, what evolving produced, where the outputs are."""
+    counts = {p: summary.phases.count(p) for p in dict.fromkeys(summary.phases)}
+    final = summary.final or {}
+    creator, buffer = final.get("creator", {}), final.get("buffer", {})
+    lines = [f"eva-ray: {'interrupted after' if summary.interrupted else 'done,'} {summary.steps_done} steps "
+             f"({', '.join(f'{p} {n}' for p, n in counts.items()) or 'none'})"]
+    if creator:
+        lines.append(f"  evolve: {creator.get('evolve_requested', 0)} requested, {creator.get('evolve_ok', 0)} ok, "
+                     f"{creator.get('evolve_rejected_total', 0)} rejected {creator.get('evolve_rejected', {})}, "
+                     f"{creator.get('evolve_failed_total', 0)} failed {creator.get('evolve_failed', {})}")
+    if buffer:
+        lines.append(f"  buffer: {buffer.get('size', 0)}/{buffer.get('capacity', 0)} prompts, by generation "
+                     f"{buffer.get('generations', {})}, by operator {buffer.get('operators', {})}")
+    if summary.eval:
+        lines.append(f"  win-rate against the initial policy: {summary.eval['win_rate']:.3f} "
+                     f"on {summary.eval['n_prompts']} held-out prompts")
+    if "weight_change" in final:
+        lines.append(f"  policy moved {final['weight_change']:.4g} (L2) from its start; version "
+                     f"{final.get('learner_version')}")
+    lines.append(f"  outputs: {summary.run_dir}")
+    return lines
 
 
 def one_step(cfg: Config, system: System, step: int, summary: RunSummary) -> dict[str, Any]:
