@@ -30,14 +30,20 @@ def _config_command(args: argparse.Namespace) -> int:
 
 def _run_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    from actors.creator import CreatorStarved
     from eva_ray.data import DataError
-    from launch.driver import run
+    from launch.cluster import ClusterError
+    from launch.driver import StalePolicyError, run
 
     try:
         summary = run(cfg, inline=args.inline)
     except DataError as exc:
         print(f"eva-ray: data error: {exc}", file=sys.stderr)
         return 2
+    except (ClusterError, CreatorStarved, StalePolicyError) as exc:
+        # Known ways a run can stop: one clear line; the run directory already holds what was written.
+        print(f"eva-ray: run stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 130 if summary.interrupted else 0
 
 

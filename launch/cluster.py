@@ -155,10 +155,22 @@ def connect_ray(echo: Callable[[str], None] = print) -> bool:
 
 def _start_on_ray(cfg: Config, kwargs: dict[str, dict[str, Any]], pad: int, echo: Callable[[str], None]) -> System:
     import ray
+
+    started = connect_ray(echo)
+    try:
+        return _place_actors(cfg, kwargs, pad, echo, started)
+    except BaseException:  # an error or Ctrl-C while actors start: a Ray we started must not outlive the driver
+        if started:
+            ray.shutdown()
+        raise
+
+
+def _place_actors(cfg: Config, kwargs: dict[str, dict[str, Any]], pad: int, echo: Callable[[str], None],
+                  started: bool) -> System:
+    import ray
     from ray.util.placement_group import placement_group, placement_group_table
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    started = connect_ray(echo)
     res = cfg.resources
 
     def bundle(r) -> dict[str, float]:
@@ -194,6 +206,7 @@ def _start_on_ray(cfg: Config, kwargs: dict[str, dict[str, Any]], pad: int, echo
         try:
             gather([handle.call("__ray_ready__")])
         except Exception as exc:
+            system.stop_ray = False  # the caller shuts Ray down once
             system.shutdown()
             raise ClusterError(f"the {handle.name} actor failed to start: {exc}") from exc
     return system
