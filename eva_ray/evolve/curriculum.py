@@ -1,0 +1,235 @@
+"""The curriculum evolver: evolves procedural-world prompts by moving along the world's difficulty knobs.
+
+Where an LLM evolver rewrites a prompt in words, a world with a generator and a verifier (see
+:mod:`eva_ray.worlds`) can make the paper's two kinds of evolution exactly, and with a correct answer attached:
+
+- in-depth ``harder``: a fresh task one level up (``difficulty + 1``); a parent at the top level cannot go up and the
+  attempt is rejected as ``at_max_difficulty``;
+- in-depth ``more_terms``: a fresh task with one more term (rejected as ``at_max_terms`` at the cap);
+- in-breadth ``sibling``: a fresh task at the parent's own level;
+- ``easier``: a fresh task one level down (rejected as ``at_min_difficulty`` at the bottom), so that a creator whose
+  parents sit just past the solver's frontier can still make prompts that are "challenging yet solvable".
+
+The interface is the :class:`~eva_ray.evolve.evolver.Evolver`'s: ``await evolve(parents, n_children, step=step)``
+returns an :class:`~eva_ray.evolve.evolver.EvolveBatch` whose counts satisfy ``ok + rejected + failed ==
+requested``; children are made with :func:`~eva_ray.records.make_child` (lineage, operator name, inherited
+informativeness) and carry the new task's meta (answer, difficulty, num_terms). Operators are drawn from a seeded
+generator in parent order, with configurable weights, and every fresh task is drawn from that same generator, so
+one seed gives one set of children.
+
+Validation reuses the creator's :class:`~eva_ray.evolve.validate.EvolveValidator` (its duplicate index holds the seed
+set and the buffer): a child that is already there is redrawn up to ``max_tries`` times, then rejected as
+``duplicate_in_buffer`` (or ``near_duplicate_parent`` when it is the parent itself). The default validator normalises
+text for natural language (punctuation dropped, so ``57-87=`` and ``57+87=`` collide, and near-duplicates by
+character shingles, although ``12345+1=`` and ``12345+2=`` are different tasks); :class:`ExactTextValidator` keeps
+the same interface with exact-expression semantics and is the one to give the creator for a world.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from eva_ray.evolve.evolver import EvolveBatch, EvolveCounts
+from eva_ray.evolve.validate import DUPLICATE_IN_BUFFER, EMPTY, NEAR_DUPLICATE_PARENT, EvolveValidator
+from eva_ray.records import PromptRecord, make_child
+
+OPERATORS: tuple[str, ...] = ("harder", "sibling", "easier", "more_terms")
+IN_DEPTH: tuple[str, ...] = ("harder", "more_terms")
+IN_BREADTH: tuple[str, ...] = ("sibling",)
+DEFAULT_WEIGHTS: dict[str, float] = {"harder": 0.4, "sibling": 0.4, "easier": 0.2}
+"""Mostly a step past the parent or beside it; the parents are already the most informative prompts (at the
+solver's frontier), so a child one level up is the 'challenging yet solvable' move and ``easier`` is the fallback
+for parents that overshot. ``more_terms`` is off by default: the shipped solver never saw more than two terms."""
+
+# Rejection reasons of this evolver, besides the validator's.
+AT_MAX_DIFFICULTY = "at_max_difficulty"
+AT_MIN_DIFFICULTY = "at_min_difficulty"
+AT_MAX_TERMS = "at_max_terms"
+NOT_A_TASK = "not_a_task"
+CURRICULUM_REJECTION_REASONS: tuple[str, ...] = (AT_MAX_DIFFICULTY, AT_MIN_DIFFICULTY, AT_MAX_TERMS, NOT_A_TASK)
+_RETRYABLE = (DUPLICATE_IN_BUFFER, NEAR_DUPLICATE_PARENT, "near_duplicate_buffer")
+
+
+def _exact_key(text: str) -> str:
+    return "".join(str(text).split())
+
+
+@dataclass(eq=False)
+class ExactTextValidator(EvolveValidator):
+    """An :class:`EvolveValidator` for procedural tasks: two prompts are duplicates only when their texts are equal
+    (whitespace ignored; case and punctuation kept, so ``57-87=`` and ``57+87=`` stay different).
+
+    Same interface as its parent (``register``, ``unregister``, ``reason``, ``check``, ``rejections``,
+    ``accepted``), so the creator registers its seed set and buffer in it and unregisters what leaves, unchanged.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._texts: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def __contains__(self, text: str) -> bool:
+        return _exact_key(text) in self._texts
+
+    def register(self, text: str) -> None:
+        key = _exact_key(text)
+        if key:
+            self._texts.add(key)
+
+    def unregister(self, text: str) -> None:
+        self._texts.discard(_exact_key(text))
+
+    def reason(self, text: str, parent_text: str) -> str | None:
+        key = _exact_key(text)
+        if not key:
+            return EMPTY
+        if key == _exact_key(parent_text):
+            return NEAR_DUPLICATE_PARENT
+        if key in self._texts:
+            return DUPLICATE_IN_BUFFER
+        return None
+
+
+def _weights(operators: Sequence[str] | None, weights: Sequence[float] | Mapping[str, float] | None
+             ) -> tuple[tuple[str, ...], np.ndarray]:
+    if isinstance(weights, Mapping):
+        if operators is not None:
+            raise ValueError("give the operators either as a weights mapping or as a list, not both")
+        operators, weights = list(weights), list(weights.values())
+    if operators is None:
+        if weights is not None:
+            raise ValueError("operator weights need the operators they weigh")
+        operators, weights = list(DEFAULT_WEIGHTS), list(DEFAULT_WEIGHTS.values())
+    names = tuple(operators)
+    unknown = [n for n in names if n not in OPERATORS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(f"curriculum operators must be distinct names from {OPERATORS}, got {list(names)}")
+    w = np.ones(len(names)) if weights is None else np.asarray(list(weights), dtype=float)
+    if w.shape != (len(names),) or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"operator weights must be {len(names)} non-negative numbers with a positive sum, "
+                         f"got {list(weights) if weights is not None else None}")
+    return names, w / w.sum()
+
+
+class CurriculumEvolver:
+    """Evolves a world's prompts along its difficulty knobs; see the module docstring.
+
+    ``world`` is a world name (``"chain_sum"``) or module of :mod:`eva_ray.worlds`. ``operators`` / ``weights``:
+    which operators and how often (a list plus aligned weights, or a ``{name: weight}`` mapping; default
+    :data:`DEFAULT_WEIGHTS`). Difficulty stays within ``[min_difficulty, max_difficulty]`` (default the world's
+    levels) and ``num_terms`` at most ``max_terms``. ``max_tries``: fresh draws per attempt before a duplicate is
+    counted as a rejection.
+    """
+
+    method = "curriculum"
+
+    def __init__(self, *, world: str | ModuleType = "chain_sum", operators: Sequence[str] | None = None,
+                 weights: Sequence[float] | Mapping[str, float] | None = None,
+                 validator: EvolveValidator | None = None, rng_seed: int = 0, min_difficulty: int | None = None,
+                 max_difficulty: int | None = None, max_terms: int | None = None, max_tries: int = 4) -> None:
+        if isinstance(world, str):
+            from eva_ray.worlds import get_world
+
+            world = get_world(world)
+        self.world = world
+        self.operators, self.probs = _weights(operators, weights)
+        self.validator = validator if validator is not None else ExactTextValidator()
+        self.rng = np.random.default_rng(rng_seed)
+        self.min_difficulty = world.MIN_DIFFICULTY if min_difficulty is None else int(min_difficulty)
+        self.max_difficulty = world.MAX_DIFFICULTY if max_difficulty is None else int(max_difficulty)
+        self.max_terms = world.MAX_TERMS if max_terms is None else int(max_terms)
+        if not 1 <= self.min_difficulty <= self.max_difficulty:
+            raise ValueError(f"need 1 <= min_difficulty <= max_difficulty, got {self.min_difficulty}, "
+                             f"{self.max_difficulty}")
+        if self.max_terms < 2:
+            raise ValueError(f"max_terms must be >= 2, got {self.max_terms}")
+        if max_tries < 1:
+            raise ValueError(f"max_tries must be >= 1, got {max_tries}")
+        self.max_tries = max_tries
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _move(self, operator: str, difficulty: int, num_terms: int) -> tuple[int, int, str | None]:
+        """The child's (difficulty, num_terms), or a rejection reason when the parent cannot move that way."""
+        if operator == "harder":
+            return difficulty + 1, num_terms, AT_MAX_DIFFICULTY if difficulty >= self.max_difficulty else None
+        if operator == "easier":
+            return difficulty - 1, num_terms, AT_MIN_DIFFICULTY if difficulty <= self.min_difficulty else None
+        if operator == "more_terms":
+            return difficulty, num_terms + 1, AT_MAX_TERMS if num_terms >= self.max_terms else None
+        # sibling: the parent's own cell, clamped into the allowed range (a seed may sit outside it)
+        return min(max(difficulty, self.min_difficulty), self.max_difficulty), min(num_terms, self.max_terms), None
+
+    def _reject(self, counts: EvolveCounts, reason: str) -> None:
+        counts.rejected[reason] += 1
+        self.validator.rejections[reason] += 1
+
+    def _attempt(self, parent: PromptRecord, operator: str, index: int, step: int,
+                 counts: EvolveCounts) -> PromptRecord | None:
+        try:
+            try:
+                difficulty, num_terms = self.world.task_params(parent)
+            except ValueError:
+                self._reject(counts, NOT_A_TASK)
+                return None
+            new_d, new_k, why = self._move(operator, difficulty, num_terms)
+            if why is not None:
+                self._reject(counts, why)
+                return None
+            for _ in range(self.max_tries):
+                task = self.world.sample_task(new_d, new_k, self.rng)
+                why = self.validator.reason(task.text, parent.prompt_text)
+                if why not in _RETRYABLE:
+                    break
+        except Exception as exc:  # noqa: BLE001 - a broken generator is one failed attempt, not a dead batch
+            counts.failed[type(exc).__name__] += 1
+            return None
+        if why is not None:
+            self._reject(counts, why)
+            return None
+        counts.ok += 1
+        self.validator.accepted += 1
+        self.validator.register(task.text)  # later siblings of this batch are checked against it
+        meta = task.meta() | {"evolve_method": self.method, "parent_difficulty": difficulty,
+                              "parent_num_terms": num_terms}
+        return make_child(parent, task.text, operator=operator, step=step, index=index, meta=meta)
+
+    def evolve_now(self, parents: Sequence[PromptRecord], n_children: int, *, step: int) -> EvolveBatch:
+        """:meth:`evolve` without an event loop (the work is a few microseconds of generator calls per child)."""
+        if n_children < 0:
+            raise ValueError(f"n_children must be >= 0, got {n_children}")
+        jobs: list[tuple[PromptRecord, str, int]] = []
+        next_index: Counter[str] = Counter()
+        for parent in parents:  # all operators first, in parent order (as the LLM evolver does)
+            for i in self.rng.choice(len(self.operators), size=n_children, p=self.probs):
+                jobs.append((parent, self.operators[int(i)], next_index[parent.id]))
+                next_index[parent.id] += 1
+        counts = EvolveCounts(requested=len(jobs))
+        children = []
+        for parent, operator, index in jobs:
+            t0 = time.perf_counter()
+            child = self._attempt(parent, operator, index, step, counts)
+            counts.latencies_s.append(time.perf_counter() - t0)
+            if child is not None:
+                children.append(child)
+        return EvolveBatch(children=children, counts=counts)
+
+    async def evolve(self, parents: Sequence[PromptRecord], n_children: int, *, step: int) -> EvolveBatch:
+        """Up to ``n_children`` validated children per parent, in parent order; ids as in ``Evolver.evolve``."""
+        return self.evolve_now(parents, n_children, step=step)
+
+    async def evolve_tree_bon(self, *args: Any, **kwargs: Any) -> EvolveBatch:
+        raise NotImplementedError("tree best-of-N needs an LLM judge; evolve.method 'curriculum' does not support it")
+
+
+__all__ = ["AT_MAX_DIFFICULTY", "AT_MAX_TERMS", "AT_MIN_DIFFICULTY", "CURRICULUM_REJECTION_REASONS",
+           "CurriculumEvolver", "DEFAULT_WEIGHTS", "ExactTextValidator", "IN_BREADTH", "IN_DEPTH", "NOT_A_TASK",
+           "OPERATORS"]
