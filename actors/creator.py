@@ -28,6 +28,7 @@ import numpy as np
 
 from eva_ray.buffer import GenerativeBuffer
 from eva_ray.config import Config, EvolveConfig
+from eva_ray.evolve.curriculum import CurriculumEvolver, ExactTextValidator
 from eva_ray.evolve.evolver import Complete, EvolveBatch, EvolveCounts, Evolver
 from eva_ray.evolve.judge import llm_judge_scorer
 from eva_ray.evolve.validate import EvolveValidator
@@ -115,28 +116,40 @@ class Creator:
         self.warmed_up = False
 
         ev = cfg.evolve
-        self.validator = EvolveValidator(max_length_ratio=ev.max_length_ratio, parent_similarity=ev.parent_similarity,
-                                         buffer_similarity=ev.buffer_similarity)
+        if ev.method == "curriculum":
+            # Task expressions differ by a sign or a digit ("57-87=" vs "57+87="): only exact repeats are duplicates.
+            self.validator = ExactTextValidator()
+        else:
+            self.validator = EvolveValidator(max_length_ratio=ev.max_length_ratio,
+                                             parent_similarity=ev.parent_similarity,
+                                             buffer_similarity=ev.buffer_similarity)
         for record in self.seeds:  # an evolved prompt that repeats a seed prompt adds nothing
             self.validator.register(record.prompt_text)
         self.llm_counters: Counter = Counter()
         self.local_provider = None
-        if complete is None:
-            if ev.local_model_path:
-                from actors.local_llm import register_local_provider
+        self.scorer = None
+        if ev.method == "curriculum":
+            # A procedural world evolves by moving tasks along its difficulty knobs: no LLM involved.
+            self.evolver = CurriculumEvolver(world=cfg.world.name, operators=ev.operators,
+                                             weights=ev.operator_weights, validator=self.validator,
+                                             rng_seed=cfg.run.seed + 1)
+        else:
+            if complete is None:
+                if ev.local_model_path:
+                    from actors.local_llm import register_local_provider
 
-                # Load now: a lazy load would make the first evolve call take seconds while warm-up steps fly by.
-                self.local_provider = register_local_provider(ev.local_model_path, load_now=True,
-                                                              provider=ev.model.split("/", 1)[0])
-                # A provider may be reused across runs in one process; count only this creator's calls.
-                self._provider_baseline = self.local_provider.stats()
-            if not ev.model:
-                raise ValueError("evolve.model is empty: name the LiteLLM model that evolves prompts")
-            complete = litellm_complete(ev, self.llm_counters)
-        self.evolver = Evolver(complete, style=ev.style, operators=ev.operators, validator=self.validator,
-                               rng_seed=cfg.run.seed + 1, max_concurrency=ev.concurrency, timeout_s=ev.timeout_s,
-                               system_message=ev.system_message)
-        self.scorer = llm_judge_scorer(complete) if ev.tree_bon_width > 0 else None
+                    # Load now: a lazy load would make the first evolve call take seconds while warm-up flies by.
+                    self.local_provider = register_local_provider(ev.local_model_path, load_now=True,
+                                                                  provider=ev.model.split("/", 1)[0])
+                    # A provider may be reused across runs in one process; count only this creator's calls.
+                    self._provider_baseline = self.local_provider.stats()
+                if not ev.model:
+                    raise ValueError("evolve.model is empty: name the LiteLLM model that evolves prompts")
+                complete = litellm_complete(ev, self.llm_counters)
+            self.evolver = Evolver(complete, style=ev.style, operators=ev.operators, validator=self.validator,
+                                   rng_seed=cfg.run.seed + 1, max_concurrency=ev.concurrency,
+                                   timeout_s=ev.timeout_s, system_message=ev.system_message)
+            self.scorer = llm_judge_scorer(complete) if ev.tree_bon_width > 0 else None
 
         self._pending: dict[int, Batch] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -232,7 +245,8 @@ class Creator:
             "informative_fraction": float((finite > 0).mean()) if finite.size else 0.0,
             "nonfinite_rewards": info.n_dropped, "parents": len(parents), "waited_s": batch.waited_s,
             "generations": [r.generation for r in batch.prompts],
-            "difficulty": [r.meta.get("difficulty") for r in batch.prompts],
+            # The curriculum figure: at which difficulty the solver trained this step (worlds only).
+            "difficulty": dict(Counter(str(r.meta["difficulty"]) for r in batch.prompts if "difficulty" in r.meta)),
         }
         return {"scores": [float(s) for s in info.scores], "parents": [p.id for p in parents]}
 
@@ -292,6 +306,7 @@ class Creator:
             "info_hist": histogram(self.buffer.info_values()),
             "generation_hist": histogram(self.buffer.generation_values(), integer=True),
             "seed_used": self.seed_used, "seed_total": self.seed_total,
+            "batch_difficulty": batch.get("difficulty", {}),
         }
         creator_metrics = {
             "evolve_requested": self.counts.requested, "evolve_ok": self.counts.ok,
@@ -341,3 +356,7 @@ class Creator:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.local_provider is not None:
+            # Stop the provider's generation thread before the process exits: a thread still inside generate at
+            # interpreter exit aborts the process (exit 134) after the run itself succeeded.
+            self.local_provider.close()

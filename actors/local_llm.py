@@ -69,6 +69,23 @@ __all__ = [
 
 _STOP = object()  # queue sentinel that ends the worker thread
 
+try:
+    from transformers import StoppingCriteria
+except ImportError:  # pragma: no cover - transformers is a dependency; keep import of this module cheap otherwise
+    StoppingCriteria = object
+
+
+class _StopWhenClosing(StoppingCriteria):
+    """A generate stopping criterion that ends every row once the provider is closing."""
+
+    def __init__(self, closing: threading.Event) -> None:
+        self.closing = closing
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.closing.is_set(), dtype=torch.bool, device=input_ids.device)
+
 
 @dataclass
 class _Request:
@@ -147,6 +164,9 @@ class LocalHFProvider(CustomLLM):
         self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
         self._worker_lock = threading.Lock()
+        # Set by close(): a generate in progress stops at its next token, so the thread can end before the process
+        # does (a thread still inside generate at interpreter exit aborts the process).
+        self._closing = threading.Event()
         # Normally one thread generates. A close() whose join times out can leave the old thread finishing a
         # batch while a new request starts a new one; this lock keeps the model single-user even then.
         self._generate_lock = threading.Lock()
@@ -203,9 +223,11 @@ class LocalHFProvider(CustomLLM):
         with self._worker_lock:
             worker, self._worker = self._worker, None
             if worker is not None:
+                self._closing.set()
                 self._queue.put(_STOP)
         if worker is not None:
             worker.join(timeout)
+            self._closing.clear()
 
     def stats(self) -> dict[str, float]:
         """A snapshot of the counters, with the mean latency of completed calls."""
@@ -399,7 +421,8 @@ class LocalHFProvider(CustomLLM):
             **({} if greedy else {"temperature": r0.temperature, "top_p": r0.top_p}),
         )
         with self._generate_lock, torch.inference_mode():
-            out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+            out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
+                                 stopping_criteria=[_StopWhenClosing(self._closing)])
         with self._stats_lock:
             self._stats.batches += 1
             self._stats.requests_batched += len(group)

@@ -24,6 +24,8 @@ trains the stop decision) and has ``finish_reason="stop"``; one cut by ``max_new
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import time
 import warnings
@@ -348,8 +350,12 @@ class RolloutWorker:
         """Version of the weights now loaded (0 until the first ``update_weights``)."""
         return self._version
 
-    def generate(self, prompts: Sequence[PromptRecord], n: int) -> list[list[Rollout]]:
-        """``n`` responses to each prompt: ``result[i][j]`` is the j-th response to ``prompts[i]``."""
+    def generate(self, prompts: Sequence[PromptRecord], n: int, *, greedy: bool = False) -> list[list[Rollout]]:
+        """``n`` responses to each prompt: ``result[i][j]`` is the j-th response to ``prompts[i]``.
+
+        ``greedy=True`` decodes greedily whatever the configured temperature (evaluation: accuracy of the policy's
+        most likely answer, free of sampling noise).
+        """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
         if not prompts:
@@ -358,7 +364,8 @@ class RolloutWorker:
         seed = call_seed(self.seed, self.worker_index, self._calls)
         self._calls += 1
         start = time.perf_counter()
-        samples = self._engine.generate(prompt_ids, n, self.sampling, seed)
+        sampling = dataclasses.replace(self.sampling, temperature=0.0) if greedy else self.sampling
+        samples = self._engine.generate(prompt_ids, n, sampling, seed)
         elapsed = time.perf_counter() - start
         groups = [[self._rollout(prompt, ids, s) for s in group]
                   for prompt, ids, group in zip(prompts, prompt_ids, samples)]

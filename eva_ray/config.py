@@ -23,9 +23,11 @@ from typing import Any, Literal
 
 import yaml
 
+from eva_ray.evolve.curriculum import OPERATORS as CURRICULUM_OPERATORS
 from eva_ray.evolve.operators import STYLES, validate_operators
 from eva_ray.informativeness import METRICS
 from eva_ray.sampling import SAMPLING_MODES
+from eva_ray.worlds import WORLDS
 
 
 _EXPONENT_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -83,6 +85,19 @@ class DataConfig:
 
 
 @dataclass
+class WorldConfig:
+    name: str | None = knob(None, "A built-in verifiable world that supplies D, the held-out set and the reward "
+                            "(instead of data.path).", choices=WORLDS)
+    seed_size: int = knob(2000, "Prompts in the world's seed set D.", ge=1)
+    level_mix: list[float] = knob([0.2, 0.2, 0.2, 0.2, 0.2], "Share of D at each difficulty level, from level 1 "
+                                  "up (normalised).")
+    eval_per_level: int = knob(100, "Held-out prompts per difficulty level for the accuracy evaluation.", ge=0)
+    num_terms: int = knob(2, "Terms per expression in the seed and held-out sets (chain_sum).", ge=2)
+    eval_seed: int = knob(0, "Seed of the held-out set, fixed apart from run.seed so that runs with different "
+                          "seeds are scored on the same prompts.")
+
+
+@dataclass
 class CreatorConfig:
     batch_size: int = knob(8, "Prompts per minibatch (paper: 8).", ge=1)
     capacity: int = knob(3200, "Capacity B of the prioritized generative buffer (paper: 3,200).", ge=1)
@@ -108,10 +123,13 @@ class CreatorConfig:
 
 @dataclass
 class EvolveConfig:
-    method: str = knob("llm", "How prompts evolve: an LLM rewrites them.", choices=("llm",))
+    method: str = knob("llm", "How prompts evolve: an LLM rewrites them, or (worlds only) the curriculum moves "
+                       "a task along its difficulty knobs.", choices=("llm", "curriculum"))
     style: str = knob("eva", "Meta-prompt family.", choices=tuple(STYLES))
-    operators: list[str] | None = knob(None, "Operators drawn uniformly per child (paper appendix F); unset: all "
-                                       "of the style's operators.")
+    operators: list[str] | None = knob(None, "Operators drawn per child (paper appendix F); unset: all of the "
+                                       "style's operators (llm), or harder/sibling/easier (curriculum).")
+    operator_weights: list[float] | None = knob(None, "Curriculum only: how often each of evolve.operators is "
+                                                "drawn (aligned with it); unset: uniform (llm) or 0.4/0.4/0.2.")
     model: str = knob("", "LiteLLM model string of the evolve LLM, e.g. gemini/gemini-1.5-pro.")
     api_base: str | None = knob(None, "Base URL of the evolve LLM's API, when not the provider's default.")
     api_key_env: str | None = knob(None, "Name of the environment variable that holds the API key (never the key).")
@@ -228,6 +246,7 @@ class Config:
     run: RunConfig = section(RunConfig, "Name, seed, output folder and length of the run.")
     model: ModelConfig = section(ModelConfig, "The policy (solver) model and its reference.")
     data: DataConfig = section(DataConfig, "The seed prompt set D.")
+    world: WorldConfig = section(WorldConfig, "A built-in verifiable task world (replaces data when set).")
     creator: CreatorConfig = section(CreatorConfig, "Online eva: phases, informativeness, buffer sampling.")
     evolve: EvolveConfig = section(EvolveConfig, "How parents are evolved into new prompts.")
     solver: SolverConfig = section(SolverConfig, "The policy-optimisation algorithm and its loss.")
@@ -244,16 +263,34 @@ class Config:
 def _cross_field_problems(cfg: Config) -> list[str]:
     """Rules that involve more than one field. Each problem names its path first."""
     problems = []
-    if cfg.evolve.operators is not None:
+    if cfg.evolve.method == "curriculum":
+        if cfg.world.name is None:
+            problems.append("evolve.method: 'curriculum' moves tasks along a world's difficulty; set world.name "
+                            f"(allowed: {', '.join(WORLDS)})")
+        unknown = [op for op in cfg.evolve.operators or [] if op not in CURRICULUM_OPERATORS]
+        if unknown:
+            problems.append(f"evolve.operators: {unknown} are not curriculum operators; allowed: "
+                            f"{', '.join(CURRICULUM_OPERATORS)}")
+    elif cfg.evolve.operators is not None:
         try:
             validate_operators(cfg.evolve.operators, cfg.evolve.style)
         except ValueError as exc:
             problems.append(f"evolve.operators: {exc}")
+    weights = cfg.evolve.operator_weights
+    if weights is not None:
+        if cfg.evolve.operators is None or len(weights) != len(cfg.evolve.operators):
+            problems.append("evolve.operator_weights: needs evolve.operators of the same length")
+        elif any(w < 0 for w in weights) or sum(weights) <= 0:
+            problems.append(f"evolve.operator_weights: {weights}; weights are >= 0 and not all 0")
+    mix = cfg.world.level_mix
+    if any(w < 0 for w in mix) or sum(mix) <= 0:
+        problems.append(f"world.level_mix: {mix}; shares are >= 0 and not all 0")
     if cfg.creator.capacity < cfg.creator.batch_size:
         problems.append(f"creator.capacity: {cfg.creator.capacity} is below creator.batch_size "
                         f"{cfg.creator.batch_size}; once D is exhausted the buffer must fill a minibatch")
-    if cfg.reward.backend == "function" and not cfg.reward.function:
-        problems.append("reward.function: required when reward.backend is 'function' (e.g. 'my_pkg.rewards:score')")
+    if cfg.reward.backend == "function" and not cfg.reward.function and cfg.world.name is None:
+        problems.append("reward.function: required when reward.backend is 'function' (e.g. 'my_pkg.rewards:score') "
+                        "unless world.name supplies the world's verifier")
     if cfg.reward.backend == "function" and cfg.reward.function and ":" not in cfg.reward.function:
         problems.append(f"reward.function: {cfg.reward.function!r} must look like 'package.module:callable'")
     if cfg.reward.backend in ("model", "pairwise") and not cfg.reward.model:

@@ -1,5 +1,6 @@
 """The `eva-ray` command line.
 
+    eva-ray run                                                      # the default: the chain_sum proving ground
     eva-ray run --config configs/tiny.yaml solver.algorithm=oaif     # one online eva run (local Ray, or the
                                                                     # cluster of `ray job submit`)
     eva-ray run --config configs/tiny.yaml --inline                 # the same without Ray
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from eva_ray.config import ConfigError, load_config, reference_markdown, to_yaml
 
@@ -28,17 +30,21 @@ def _config_command(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_RUN = Path(__file__).with_name("default_run.yaml")
+
+
 def _run_command(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config or DEFAULT_RUN, args.overrides)
     from actors.creator import CreatorStarved
     from eva_ray.data import DataError
+    from eva_ray.packaged_models import PackagedModelUnavailable
     from launch.cluster import ClusterError
     from launch.driver import StalePolicyError, run
 
     try:
         summary = run(cfg, inline=args.inline)
-    except DataError as exc:
-        print(f"eva-ray: data error: {exc}", file=sys.stderr)
+    except (DataError, PackagedModelUnavailable) as exc:
+        print(f"eva-ray: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     except (ClusterError, CreatorStarved, StalePolicyError) as exc:
         # Known ways a run can stop: one clear line; the run directory already holds what was written.
@@ -56,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides")
     show.set_defaults(handler=_config_command)
     go = commands.add_parser("run", help="run online eva")
-    go.add_argument("--config", help="YAML config file")
+    go.add_argument("--config", help="YAML config file (default: the chain_sum proving ground, "
+                                     "launch/default_run.yaml)")
     go.add_argument("--inline", action="store_true", help="run every actor in this process, without Ray")
     go.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides")
     go.set_defaults(handler=_run_command)

@@ -77,7 +77,9 @@ class System:
         gather([self.creator.call("snapshot", str(run_dir / "buffer.json"))])
         gather([self.learner.call("save", str(run_dir / "policy"))])
         stats = gather([self.creator.call("stats")])[0]
+        records = gather([self.creator.call("buffer_records")])[0]
         return {
+            "buffer_by_generation_and_difficulty": _composition(records),
             "evolve_tasks_unfinished": still_running,
             "buffer": {k: v for k, v in stats["buffer"].items() if not k.endswith("_hist")},
             "creator": stats["creator"],
@@ -97,6 +99,15 @@ class System:
             import ray
 
             ray.shutdown()
+
+
+def _composition(records: list[dict[str, Any]]) -> dict[str, int]:
+    """Buffer prompts counted by ``g<generation>/d<difficulty>`` (difficulty only in worlds)."""
+    counts: dict[str, int] = {}
+    for r in records:
+        key = f"g{r['generation']}" + (f"/d{r['meta']['difficulty']}" if "difficulty" in r["meta"] else "")
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _pad_token_id(cfg: Config) -> int:

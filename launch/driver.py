@@ -34,9 +34,11 @@ from eva_ray.config import Config, to_dict, to_yaml
 from eva_ray.data import load_seed_prompts, split_seed_set
 from eva_ray.records import PromptRecord
 from eva_ray.tiny import resolve_model_path
+from eva_ray.worlds import get_world
 from launch.cluster import System, start_system
 from launch.handles import gather
 from launch.metrics import MetricsLogger
+from launch.plots import write_plots
 from launch.progress import Progress
 
 
@@ -52,6 +54,9 @@ class RunSummary:
     """The phase of every step, in order."""
     max_staleness_seen: int = 0
     eval: dict[str, Any] = field(default_factory=dict)
+    """The last evaluation (win-rate; accuracy by level in a world)."""
+    eval_start: dict[str, Any] = field(default_factory=dict)
+    """Accuracy by level of the initial policy (worlds only)."""
     final: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
     error: str | None = None
@@ -72,6 +77,14 @@ def make_run_dir(cfg: Config) -> Path:
 
 
 def load_prompts(cfg: Config) -> tuple[list[PromptRecord], list[PromptRecord], str]:
+    """(D, held-out prompts, a one-line report): from a built-in world, or from the seed file."""
+    if cfg.world.name:
+        world = get_world(cfg.world.name)
+        mix = {level + 1: share for level, share in enumerate(cfg.world.level_mix) if share > 0}
+        train = world.seed_set(cfg.world.seed_size, mix, seed=cfg.run.seed, num_terms=cfg.world.num_terms)
+        held_out = (world.eval_set(cfg.world.eval_per_level, seed=cfg.world.eval_seed, num_terms=cfg.world.num_terms)
+                    if cfg.world.eval_per_level else [])
+        return train, held_out, f"world {cfg.world.name}: {len(train)} seed tasks at levels {sorted(mix)}"
     records, report = load_seed_prompts(cfg.data.path, format=cfg.data.format, prompt_field=cfg.data.prompt_field,
                                         id_field=cfg.data.id_field, max_prompt_chars=cfg.data.max_prompt_chars)
     train, held_out = split_seed_set(records, eval_size=cfg.data.eval_size, shuffle=cfg.data.shuffle,
@@ -105,29 +118,44 @@ def rollout_metrics(groups, rewards: list[list[float]], seconds: float) -> dict[
 
 
 class Evaluator:
-    """Win-rate of the current policy against the initial one on held-out prompts, judged by the reward actor.
+    """How the policy does on held-out prompts, judged by the reward actor.
 
-    The initial policy's answers are generated once, before the first update; each evaluation samples the current
-    policy's answers to the same prompts and asks the reward actor which is better (ties count half).
+    Always: the win-rate of the current policy against the initial one (the initial answers are generated once,
+    before the first update; each evaluation samples the current policy's answers to the same prompts; a win is 1,
+    a tie 0.5). In a world, also the accuracy of greedy answers by difficulty level (a reward of 1 is a solve).
     """
 
-    def __init__(self, system: System, prompts: list[PromptRecord]) -> None:
+    def __init__(self, system: System, prompts: list[PromptRecord], *, by_level: bool) -> None:
         self.system = system
         self.prompts = prompts
+        self.by_level = by_level
         self.initial = self._answers() if prompts else []
 
     def _answers(self) -> list[str]:
         return [group[0].text for group in self.system.rollout.generate(self.prompts, 1)]
 
+    def accuracy(self) -> dict[str, float]:
+        groups = self.system.rollout.generate(self.prompts, 1, greedy=True)
+        result = gather([self.system.reward.call("score", self.prompts, [[g[0].text] for g in groups])])[0]
+        solved = np.array([row[0] == 1.0 for row in result.rewards], dtype=float)
+        levels = np.array([p.meta.get("difficulty", 0) for p in self.prompts])
+        out = {"accuracy": float(solved.mean())}
+        for level in sorted(set(levels.tolist())):
+            out[f"accuracy_level_{level}"] = float(solved[levels == level].mean())
+        return out
+
     def evaluate(self) -> dict[str, float]:
         current = self._answers()
         # hard: a win is 1, a loss 0 and a tie (equal rewards, e.g. both answers right) 0.5.
         wins = gather([self.system.reward.call("compare", self.prompts, current, self.initial, hard=True)])[0]
-        return {"win_rate": float(np.mean(wins)), "n_prompts": len(self.prompts)}
+        out = {"win_rate": float(np.mean(wins)), "n_prompts": len(self.prompts)}
+        if self.by_level:
+            out.update(self.accuracy())
+        return out
 
 
 def with_resolved_models(cfg: Config) -> Config:
-    """The config with ``tiny:`` model names replaced by the folders they are built into (once, by the driver)."""
+    """The config with model names (``tiny:``, ``world:``, ``smollm2:``) replaced by folders, once, by the driver."""
     seed = cfg.run.seed
     return dataclasses.replace(
         cfg,
@@ -140,9 +168,17 @@ def with_resolved_models(cfg: Config) -> Config:
     )
 
 
+def with_world_defaults(cfg: Config) -> Config:
+    """A world supplies its own verifier as the reward function unless the config names another."""
+    if cfg.world.name and cfg.reward.backend == "function" and not cfg.reward.function:
+        return dataclasses.replace(cfg, reward=dataclasses.replace(
+            cfg.reward, function=f"eva_ray.worlds.{cfg.world.name}:reward"))
+    return cfg
+
+
 def run(cfg: Config, *, inline: bool = False, echo=print) -> RunSummary:
     """Run online eva for ``cfg.run.total_steps`` steps; everything the run makes lands in its run directory."""
-    cfg = with_resolved_models(cfg)
+    cfg = with_world_defaults(with_resolved_models(cfg))
     train, held_out, data_report = load_prompts(cfg)
     run_dir = make_run_dir(cfg)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -154,12 +190,16 @@ def run(cfg: Config, *, inline: bool = False, echo=print) -> RunSummary:
     system = None
     try:
         system = start_system(cfg, train, run_dir, inline=inline, echo=echo)
-        evaluator = Evaluator(system, held_out) if held_out and cfg.logging.eval_every else None
+        evaluator = Evaluator(system, held_out, by_level=bool(cfg.world.name)) if held_out else None
+        if evaluator and evaluator.by_level:
+            summary.eval_start = evaluator.accuracy()
+            echo(f"eva-ray: held-out accuracy before training {_levels(summary.eval_start)}")
         progress = Progress(cfg.run.total_steps, enabled=cfg.logging.progress, echo=echo)
         for step in range(cfg.run.total_steps):
             metrics = one_step(cfg, system, step, summary)
             summary.phases.append(metrics.pop("phase_name"))
-            if evaluator and (step + 1) % cfg.logging.eval_every == 0:
+            last = step + 1 == cfg.run.total_steps
+            if evaluator and ((cfg.logging.eval_every and (step + 1) % cfg.logging.eval_every == 0) or last):
                 t0 = time.perf_counter()
                 metrics["eval"] = evaluator.evaluate()
                 metrics["timing"]["eval_s"] = time.perf_counter() - t0
@@ -186,9 +226,20 @@ def run(cfg: Config, *, inline: bool = False, echo=print) -> RunSummary:
         logger.close(summary={"final": summary.final, "steps_done": summary.steps_done})
         if system is not None:
             system.shutdown()
+        if summary.steps_done:
+            try:
+                plots = write_plots(run_dir)
+                echo(f"eva-ray: plots {', '.join(p.name for p in plots)}")
+            except Exception as exc:  # a plot is a convenience; the run's data is already safe on disk
+                echo(f"eva-ray: could not draw the plots ({type(exc).__name__}: {exc})")
     for line in summary_lines(summary):
         echo(line)
     return summary
+
+
+def _levels(acc: dict[str, float]) -> str:
+    per_level = " ".join(f"L{k.rsplit('_', 1)[1]} {v:.2f}" for k, v in acc.items() if k.startswith("accuracy_level_"))
+    return f"{acc['accuracy']:.3f} ({per_level})"
 
 
 def summary_lines(summary: RunSummary) -> list[str]:
@@ -205,9 +256,14 @@ def summary_lines(summary: RunSummary) -> list[str]:
     if buffer:
         lines.append(f"  buffer: {buffer.get('size', 0)}/{buffer.get('capacity', 0)} prompts, by generation "
                      f"{buffer.get('generations', {})}, by operator {buffer.get('operators', {})}")
+    if final.get("buffer_by_generation_and_difficulty"):
+        lines.append(f"  buffer composition: {final['buffer_by_generation_and_difficulty']}")
     if summary.eval:
         lines.append(f"  win-rate against the initial policy: {summary.eval['win_rate']:.3f} "
                      f"on {summary.eval['n_prompts']} held-out prompts")
+    if summary.eval_start and "accuracy" in summary.eval:
+        lines.append(f"  held-out accuracy: start {_levels(summary.eval_start)}")
+        lines.append(f"                     end   {_levels(summary.eval)}")
     if "weight_change" in final:
         lines.append(f"  policy moved {final['weight_change']:.4g} (L2) from its start; version "
                      f"{final.get('learner_version')}")

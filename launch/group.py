@@ -20,9 +20,9 @@ class RolloutGroup:
         # by each worker), the object itself inline.
         self.share = share
 
-    def generate(self, prompts: list[PromptRecord], n: int) -> list[list[Rollout]]:
+    def generate(self, prompts: list[PromptRecord], n: int, *, greedy: bool = False) -> list[list[Rollout]]:
         shards = shard(prompts, len(self.workers))
-        futures = [w.call("generate", part, n) for w, part in zip(self.workers, shards) if part]
+        futures = [w.call("generate", part, n, greedy=greedy) for w, part in zip(self.workers, shards) if part]
         results = gather(futures)
         non_empty = [part for part in shards if part]
         return unshard(results, [len(p) for p in non_empty])

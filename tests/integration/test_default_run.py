@@ -1,0 +1,34 @@
+"""The default `eva-ray run` (the chain_sum proving ground), shortened: it runs, evaluates by level and plots."""
+
+import json
+
+import pytest
+
+from launch.cli import DEFAULT_RUN, main
+
+
+@pytest.mark.slow
+def test_default_run_evaluates_by_level_evolves_by_difficulty_and_plots(tmp_path, tiny_cache, monkeypatch, capsys):
+    monkeypatch.setenv("EVA_RAY_CACHE", str(tiny_cache))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    code = main(["run", "--inline", f"run.output_dir={tmp_path}", "run.total_steps=30", "world.seed_size=120",
+                 "world.eval_per_level=20", "creator.capacity=48", "logging.eval_every=15",
+                 "logging.progress=false"])
+    out = capsys.readouterr().out
+    assert code == 0 and DEFAULT_RUN.is_file()
+    (run_dir,) = tmp_path.iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["phases"][0] == "warm-up" and "mix-up" in summary["phases"]
+    for acc in (summary["eval_start"], summary["eval"]):
+        assert set(acc) >= {"accuracy", *(f"accuracy_level_{d}" for d in range(1, 6))}
+    # The shipped solver: level 1 always solved, level 5 never (the world's always / never ends).
+    assert summary["eval_start"]["accuracy_level_1"] >= 0.9 and summary["eval_start"]["accuracy_level_5"] == 0.0
+    composition = summary["final"]["buffer_by_generation_and_difficulty"]
+    assert composition and all("/d" in key for key in composition)
+    creator = summary["final"]["creator"]
+    assert creator["evolve_ok"] > 0 and creator["llm_calls"] == 0  # the curriculum evolves without an LLM
+    assert "held-out accuracy: start" in out and "end" in out
+    for name in ("learning_curve", "curriculum", "informativeness"):
+        assert (run_dir / f"{name}.png").stat().st_size > 10_000
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(k.startswith("buffer/batch_difficulty/") for k in rows[0])
