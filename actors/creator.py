@@ -128,7 +128,9 @@ class Creator:
         self.llm_counters: Counter = Counter()
         self.local_provider = None
         self.scorer = None
-        if ev.method == "curriculum":
+        if ev.method == "none":
+            self.evolver = None  # the static-D baseline: nothing is evolved, the buffer stays empty
+        elif ev.method == "curriculum":
             # A procedural world evolves by moving tasks along its difficulty knobs: no LLM involved.
             self.evolver = CurriculumEvolver(world=cfg.world.name, operators=ev.operators,
                                              weights=ev.operator_weights, validator=self.validator,
@@ -232,10 +234,10 @@ class Creator:
         picked = select_indices(np.nan_to_num(info.scores, nan=0.0), k, mode=self.creator_cfg.parent_selection,
                                 rng=self.rng)
         parents = [batch.prompts[i] for i in picked]
-        n_children = batch.plan.n_children
-        task = asyncio.create_task(self._evolve(parents, n_children, step))
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        if self.evolver is not None:
+            task = asyncio.create_task(self._evolve(parents, batch.plan.n_children, step))
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
 
         finite = info.scores[np.isfinite(info.scores)]
         self.last_batch_info = {

@@ -123,8 +123,9 @@ class CreatorConfig:
 
 @dataclass
 class EvolveConfig:
-    method: str = knob("llm", "How prompts evolve: an LLM rewrites them, or (worlds only) the curriculum moves "
-                       "a task along its difficulty knobs.", choices=("llm", "curriculum"))
+    method: str = knob("llm", "How prompts evolve: an LLM rewrites them, (worlds only) the curriculum moves a "
+                       "task along its difficulty knobs, or none (no creator: the static-D baseline).",
+                       choices=("llm", "curriculum", "none"))
     style: str = knob("eva", "Meta-prompt family.", choices=tuple(STYLES))
     operators: list[str] | None = knob(None, "Operators drawn per child (paper appendix F); unset: all of the "
                                        "style's operators (llm), or harder/sibling/easier (curriculum).")

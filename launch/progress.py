@@ -32,7 +32,7 @@ class Progress:
         parts = [
             f"step {step}/{self.total}", f"[{phase}]",
             f"reward {_fmt(rollout.get('reward_mean', float('nan')))}",
-            f"loss {_fmt(train.get('loss', float('nan')))}",
+            "loss skipped (no reward spread)" if train.get("skipped") else f"loss {_fmt(train.get('loss', float('nan')))}",
             f"buffer {buffer.get('size', 0)}/{buffer.get('capacity', 0)}",
             f"evolve ok {creator.get('evolve_ok', 0)} rej {creator.get('evolve_rejected_total', 0)} "
             f"fail {creator.get('evolve_failed_total', 0)}",

@@ -103,3 +103,20 @@ def test_report_measures_informativeness_and_picks_the_top_half(tiny_paths):
     assert {c.parent_id for c in children} <= set(out["parents"])
     # Same text for every child: the first is kept, the rest are rejected as duplicates, and all are counted.
     assert creator.counts.ok == 1 and creator.counts.rejected["duplicate_in_buffer"] == 3
+
+
+def test_method_none_is_the_static_baseline(tiny_paths):
+    cfg = make_cfg(tiny_paths, "evolve.method=none", "creator.seed_epochs=3")
+    creator = Creator(cfg, seeds(8))
+
+    async def walk():
+        phases = []
+        for step in range(5):
+            batch = await creator.next_batch(step)
+            phases.append(batch.phase)
+            await creator.report(step, [[0.0, 1.0]] * 4)
+        return phases, await creator.stats()
+
+    phases, stats = asyncio.run(walk())
+    assert phases == ["warm-up"] * 5 and len(creator.buffer) == 0
+    assert stats["creator"]["evolve_requested"] == 0 and creator.seed_used == 20  # D re-walked: 3 epochs of 8
