@@ -193,6 +193,7 @@ def run(cfg: Config, *, inline: bool = False, echo=print) -> RunSummary:
         evaluator = Evaluator(system, held_out, by_level=bool(cfg.world.name)) if held_out else None
         if evaluator and evaluator.by_level:
             summary.eval_start = evaluator.accuracy()
+            logger.log(0, {"eval": summary.eval_start})  # step 0 of the learning curve: the initial policy
             echo(f"eva-ray: held-out accuracy before training {_levels(summary.eval_start)}")
         progress = Progress(cfg.run.total_steps, enabled=cfg.logging.progress, echo=echo)
         for step in range(cfg.run.total_steps):

@@ -51,8 +51,10 @@ def curriculum(rows: list[dict], ax) -> None:
     counts = np.array([[r.get(k, 0) or 0 for k in keys] for r in rows], dtype=float)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     window = max(1, len(steps) // 40)  # a short moving average keeps the trend readable at minibatch 8
-    kernel = np.ones(window) / window
-    smooth = np.stack([np.convolve(shares[:, i], kernel, mode="same") for i in range(len(keys))], axis=1)
+    kernel = np.ones(window)
+    # Divide by the kernel's overlap so the average stays a share at the ends of the run, where fewer steps exist.
+    norm = np.convolve(np.ones(len(steps)), kernel, mode="same")
+    smooth = np.stack([np.convolve(shares[:, i], kernel, mode="same") / norm for i in range(len(keys))], axis=1)
     ax.stackplot(steps, smooth.T, labels=[f"level {k.rsplit('/', 1)[1]}" for k in keys])
     ax.set_ylim(0, 1)
     ax.set_xlabel("learner step")
