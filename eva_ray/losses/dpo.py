@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from eva_ray.losses.logprobs import masked_mean, safe_mean, sequence_logprobs
+from eva_ray.losses.logprobs import check_grouped_shapes, masked_mean, safe_mean, sequence_logprobs
 
 __all__ = ["DPO_LOSS_TYPES", "dpo_loss", "oaif_loss", "select_preference_pairs"]
 
@@ -164,17 +164,7 @@ def oaif_loss(
         ``(loss, stats)``: :func:`dpo_loss`'s stats plus ``pair_fraction`` (prompts that yielded a pair) and
         ``score_margin`` (mean reward gap between chosen and rejected over the pairs).
     """
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be [P, N], got shape {tuple(rewards.shape)}")
-    num_prompts, n = rewards.shape
-    if logprobs.dim() != 2 or logprobs.shape[0] != num_prompts * n:
-        raise ValueError(
-            f"logprobs must be [B, T] with B = P * N = {num_prompts * n} (rewards {tuple(rewards.shape)}), "
-            f"got {tuple(logprobs.shape)}"
-        )
-    for name, t in (("mask", mask), ("ref_logprobs", ref_logprobs)):
-        if t.shape != logprobs.shape:
-            raise ValueError(f"{name} must match logprobs {tuple(logprobs.shape)}, got {tuple(t.shape)}")
+    num_prompts, n = check_grouped_shapes(logprobs, rewards, mask=mask, ref_logprobs=ref_logprobs)
 
     chosen, rejected, valid = select_preference_pairs(rewards)
     offset = torch.arange(num_prompts, device=chosen.device) * n

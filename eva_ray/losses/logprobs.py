@@ -195,3 +195,24 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1
     except KeyError:
         raise ValueError(f"unknown KL estimator {estimator!r}; allowed: {sorted(KL_ESTIMATORS)}") from None
     return fn(logp, ref_logp)
+
+
+def check_grouped_shapes(logprobs: torch.Tensor, rewards: torch.Tensor,
+                         **same_as_logprobs: torch.Tensor | None) -> tuple[int, int]:
+    """Check the grouped layout both policy losses share; returns ``(P, N)``.
+
+    ``rewards`` is ``[P, N]``, ``logprobs`` is ``[B, T]`` with ``B = P * N``, and every named tensor that is not None
+    (mask, reference or old log-probs) has the shape of ``logprobs``.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [P, N], got shape {tuple(rewards.shape)}")
+    num_prompts, n = rewards.shape
+    if logprobs.dim() != 2 or logprobs.shape[0] != num_prompts * n:
+        raise ValueError(
+            f"logprobs must be [B, T] with B = P * N = {num_prompts * n} (rewards {tuple(rewards.shape)}), "
+            f"got {tuple(logprobs.shape)}"
+        )
+    for name, t in same_as_logprobs.items():
+        if t is not None and t.shape != logprobs.shape:
+            raise ValueError(f"{name} must match logprobs {tuple(logprobs.shape)}, got {tuple(t.shape)}")
+    return num_prompts, n

@@ -19,6 +19,7 @@ import torch
 
 from eva_ray.losses.logprobs import (
     KL_ESTIMATORS,
+    check_grouped_shapes,
     kl_estimate,
     masked_mean,
     masked_sum,
@@ -200,17 +201,8 @@ def rloo_loss(
         raise ValueError(f"unknown KL estimator {kl_estimator!r}; allowed: {sorted(KL_ESTIMATORS)}")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must be [P, N], got shape {tuple(rewards.shape)}")
-    num_prompts, n = rewards.shape
-    if logprobs.dim() != 2 or logprobs.shape[0] != num_prompts * n:
-        raise ValueError(
-            f"logprobs must be [B, T] with B = P * N = {num_prompts * n} (rewards {tuple(rewards.shape)}), "
-            f"got {tuple(logprobs.shape)}"
-        )
-    for name, t in (("mask", mask), ("ref_logprobs", ref_logprobs), ("old_logprobs", old_logprobs)):
-        if t is not None and t.shape != logprobs.shape:
-            raise ValueError(f"{name} must match logprobs {tuple(logprobs.shape)}, got {tuple(t.shape)}")
+    num_prompts, n = check_grouped_shapes(logprobs, rewards, mask=mask, ref_logprobs=ref_logprobs,
+                                          old_logprobs=old_logprobs)
     if beta != 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when beta != 0")
 
