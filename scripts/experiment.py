@@ -1,0 +1,359 @@
+"""eva against its ablations in the chain_sum proving ground, at equal learner steps and equal rollouts.
+
+Every arm runs the default `eva-ray run` config (launch/default_run.yaml) with the same total_steps, minibatch and
+n_responses, so arms differ only in how the creator picks and evolves prompts:
+
+  eva      the default: a_avg informativeness, weighted buffer sampling, curriculum evolving
+  static   no creator: evolve.method=none, D re-used (creator.seed_epochs=100 so it is never exhausted)
+  uniform  creator.metric=uniform: evolving, but no preference for informative prompts
+  greedy   creator.sampling=greedy: top-k buffer sampling instead of weighted sampling
+  inverse  creator.metric=inv_a_min: prefers the *least* informative prompts
+
+Each arm runs with several run.seed values; the held-out set is fixed by world.eval_seed, so all arms are scored on
+the same items. The report (--out: experiment.md + experiment.png) gives, per arm, final held-out greedy accuracy
+overall and by level (mean and spread over seeds) and its change from the start.
+
+Run::
+
+    python scripts/experiment.py --steps 2000 --seeds 3 world.eval_per_level=400
+    python scripts/experiment.py --arms eva,static --seeds 1 --steps 60 --out /tmp/exp --runs-dir /tmp/exp/runs
+    python scripts/experiment.py --report-only        # redraw the report from the runs already in --runs-dir
+
+Resumable: --runs-dir/index.json records every finished run under (arm, seed, steps, pass-through overrides); a run
+whose run directory still holds a complete summary.json is not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a plain script from anywhere
+
+ARMS: dict[str, list[str]] = {
+    "eva": [],
+    # seed_epochs=100: with no creator, exhausting D would end the run (nothing evolves to bootstrap from).
+    "static": ["evolve.method=none", "creator.seed_epochs=100"],
+    "uniform": ["creator.metric=uniform"],
+    "greedy": ["creator.sampling=greedy"],
+    "inverse": ["creator.metric=inv_a_min"],
+}
+LEVELS = range(1, 6)
+INDEX = "index.json"
+
+
+# ---------------------------------------------------------------------------------------------------------- running
+
+
+def run_key(arm: str, seed: int, steps: int, overrides: list[str]) -> str:
+    # The pass-through overrides are part of the key: a run with another lr or eval size is another experiment.
+    extra = " ".join(sorted(overrides))
+    return f"{arm}|seed={seed}|steps={steps}" + (f"|{extra}" if extra else "")
+
+
+def complete_summary(run_dir: str | Path, steps: int) -> dict | None:
+    """The run's summary.json if the run finished all its steps with an evaluation, else None."""
+    path = Path(run_dir) / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = (summary.get("steps_done") == steps and not summary.get("error") and not summary.get("interrupted")
+          and "accuracy" in summary.get("eval", {}) and "accuracy" in summary.get("eval_start", {}))
+    return summary if ok else None
+
+
+def load_index(runs_dir: Path) -> dict[str, dict]:
+    path = runs_dir / INDEX
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_index(runs_dir: Path, index: dict[str, dict]) -> None:
+    # Written after every run, atomically, so an interrupted experiment loses at most the run in progress.
+    tmp = runs_dir / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
+    os.replace(tmp, runs_dir / INDEX)
+
+
+def run_one(config: Path, arm: str, seed: int, steps: int, overrides: list[str], runs_dir: Path, *,
+            inline: bool, quiet: bool) -> dict:
+    from eva_ray.config import load_config
+    from launch.driver import run
+
+    # Arm overrides come after the user's so an arm always means what its name says.
+    cfg = load_config(config, [*overrides, *ARMS[arm], f"run.seed={seed}", f"run.total_steps={steps}",
+                               f"run.name={arm}-seed{seed}-steps{steps}", f"run.output_dir={runs_dir / arm}",
+                               "logging.progress=false"])
+    tag = f"[{arm} seed {seed}]"
+    t0 = time.perf_counter()
+    summary = run(cfg, inline=inline, echo=(lambda *a, **k: None) if quiet else (lambda msg: print(tag, msg,
+                                                                                                     flush=True)))
+    return {"arm": arm, "seed": seed, "steps": steps, "overrides": overrides, "run_dir": summary.run_dir,
+            "wall_s": round(time.perf_counter() - t0, 1), "finished": dt.datetime.now().isoformat(timespec="seconds")}
+
+
+def run_all(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """Run every missing (arm, seed); returns the index records of this experiment and the keys that failed."""
+    runs_dir = Path(args.runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    index = load_index(runs_dir)
+    records, failed = [], []
+    for seed in args.seed_list:  # seed-major: a partial experiment still has every arm at the first seeds
+        for arm in args.arm_list:
+            key = run_key(arm, seed, args.steps, args.overrides)
+            rec = index.get(key)
+            if rec and complete_summary(rec["run_dir"], args.steps):
+                print(f"experiment: skip {key} (done: {rec['run_dir']})", flush=True)
+                records.append(rec)
+                continue
+            if args.report_only:
+                continue
+            print(f"experiment: run {key}", flush=True)
+            try:
+                rec = run_one(args.config, arm, seed, args.steps, args.overrides, runs_dir, inline=args.inline,
+                              quiet=args.quiet)
+            except Exception as exc:  # one broken run should not lose the others; it is reported and retried
+                print(f"experiment: {key} failed: {type(exc).__name__}: {exc}", flush=True)
+                failed.append(key)
+                continue
+            if not complete_summary(rec["run_dir"], args.steps):
+                print(f"experiment: {key} did not finish (see {rec['run_dir']}/summary.json)", flush=True)
+                failed.append(key)
+                continue
+            print(f"experiment: {key} done in {rec['wall_s']:.0f} s", flush=True)
+            index[key] = rec
+            save_index(runs_dir, index)
+            records.append(rec)
+    return records, failed
+
+
+# --------------------------------------------------------------------------------------------------------- reporting
+
+
+def curve(run_dir: str | Path, start: float) -> list[tuple[int, float]]:
+    """Held-out accuracy over steps from the run's metrics.jsonl, with the start accuracy at step 0."""
+    points = {0: start}  # the log may hold its own step-0 evaluation; by step, so it is counted once
+    path = Path(run_dir) / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if not line.strip() or "creator/evolved_prompts" in line:
+            continue
+        row = json.loads(line)
+        if row.get("eval/accuracy") is not None:
+            points[int(row["train/global_step"])] = float(row["eval/accuracy"])
+    return sorted(points.items())
+
+
+def collect(records: list[dict]) -> dict[str, list[dict]]:
+    """Per arm: one entry per seed with start/final accuracy by key and its learning curve."""
+    by_arm: dict[str, list[dict]] = {}
+    for rec in records:
+        summary = complete_summary(rec["run_dir"], rec["steps"])
+        if summary is None:
+            continue
+        start, final = summary["eval_start"], summary["eval"]
+        by_arm.setdefault(rec["arm"], []).append({
+            "seed": rec["seed"], "wall_s": rec.get("wall_s"), "start": start, "final": final,
+            "curve": curve(rec["run_dir"], start["accuracy"])})
+    return by_arm
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def fmt(s: dict[str, float]) -> str:
+    if s["n"] == 1:
+        return f"{s['mean']:.3f}"
+    return f"{s['mean']:.3f} ± {s['std']:.3f} [{s['min']:.3f}–{s['max']:.3f}]"
+
+
+def signed(x: float) -> str:
+    return f"{x:+.3f}"
+
+
+def arm_stats(seeds: list[dict], key: str) -> tuple[dict, dict]:
+    """(final accuracy, final - start) statistics over seeds for one accuracy key."""
+    final = [s["final"][key] for s in seeds if key in s["final"]]
+    delta = [s["final"][key] - s["start"][key] for s in seeds if key in s["final"] and key in s["start"]]
+    return stats(final), stats(delta)
+
+
+def verdict(by_arm: dict[str, list[dict]]) -> str:
+    """One plain sentence on what the overall numbers show; differences inside the seed spread are called noise."""
+    if "eva" not in by_arm or len(by_arm) < 2:
+        return "Only one arm finished, so there is no comparison to draw."
+    eva_f, eva_d = arm_stats(by_arm["eva"], "accuracy")
+    others = {a: arm_stats(s, "accuracy") for a, s in by_arm.items() if a != "eva"}
+    best = max(others, key=lambda a: others[a][0]["mean"])
+    best_f = others[best][0]
+    diff = eva_f["mean"] - best_f["mean"]
+    n = min(eva_f["n"], best_f["n"])
+    # With one seed there is no spread to compare against; with more, a gap smaller than either arm's seed std is
+    # not evidence of anything.
+    noise = max(eva_f["std"], best_f["std"])
+    parts = [f"eva ends at {eva_f['mean']:.3f} held-out accuracy ({signed(eva_d['mean'])} from the start); "
+             f"the best other arm, {best}, ends at {best_f['mean']:.3f} ({signed(others[best][1]['mean'])})."]
+    if n < 2:
+        parts.append(f"With {n} seed per arm there is no seed spread, so this gap ({signed(diff)}) says nothing yet.")
+    elif abs(diff) <= noise:
+        parts.append(f"The gap ({signed(diff)}) is within the seed spread (std up to {noise:.3f}): no arm is "
+                     "distinguishable from eva on these numbers.")
+    elif diff > 0:
+        parts.append(f"eva is ahead of every other arm, by {signed(diff)} over {best}, more than the seed std "
+                     f"({noise:.3f}).")
+    else:
+        parts.append(f"eva does not win: {best} is ahead by {-diff:.3f}, more than the seed std ({noise:.3f}).")
+    return " ".join(parts)
+
+
+def write_markdown(path: Path, by_arm: dict[str, list[dict]], args: argparse.Namespace, command: str,
+                   failed: list[str]) -> None:
+    arms = [a for a in args.arm_list if a in by_arm]
+    lines = ["# eva vs ablations in the chain_sum proving ground", "",
+             f"- date: {dt.date.today().isoformat()}",
+             f"- command: `{command}`",
+             f"- arms: {', '.join(arms)}; seeds (run.seed): {', '.join(map(str, args.seed_list))}; "
+             f"learner steps per run: {args.steps} (same minibatch and n_responses in every arm)",
+             f"- base config: {args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config}"
+             + (f"; overrides: `{' '.join(args.overrides)}`" if args.overrides else ""),
+             "- held-out set fixed by world.eval_seed, shared by all arms; greedy decoding",
+             "- cells: mean ± std [min–max] over seeds; Δ = final − start, averaged over seeds", ""]
+    for arm in ARMS:
+        if arm in arms:
+            lines.append(f"  - {arm}: `{' '.join(ARMS[arm]) or '(default config)'}`")
+    lines += ["", "## Overall held-out accuracy", "",
+              "| arm | seeds | start | final | Δ | wall s / run |", "|---|---|---|---|---|---|"]
+    for arm in arms:
+        seeds = by_arm[arm]
+        final, delta = arm_stats(seeds, "accuracy")
+        start = stats([s["start"]["accuracy"] for s in seeds])
+        walls = [s["wall_s"] for s in seeds if s["wall_s"] is not None]
+        wall = f"{statistics.fmean(walls):.0f}" if walls else "–"
+        lines.append(f"| {arm} | {len(seeds)} | {start['mean']:.3f} | {fmt(final)} | {fmt_delta(delta)} | {wall} |")
+    lines += ["", "## Final accuracy by level (Δ from start in parentheses)", "",
+              "| arm | " + " | ".join(f"L{d}" for d in LEVELS) + " |", "|---|" + "---|" * len(LEVELS)]
+    for arm in arms:
+        cells = []
+        for d in LEVELS:
+            final, delta = arm_stats(by_arm[arm], f"accuracy_level_{d}")
+            cells.append(f"{fmt(final)} ({signed(delta['mean'])})" if final["n"] else "–")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    start_levels = by_arm[arms[0]][0]["start"] if arms else {}
+    if start_levels:
+        lines += ["", "Start accuracy by level (same policy and held-out set in every arm): "
+                  + ", ".join(f"L{d} {start_levels.get(f'accuracy_level_{d}', float('nan')):.3f}" for d in LEVELS)
+                  + "."]
+    lines += ["", "## What the numbers show", "", verdict(by_arm)]
+    if failed:
+        lines += ["", "Runs that failed or did not finish (not in the tables): " + ", ".join(f"`{k}`" for k in failed)]
+    lines += ["", "![held-out accuracy per arm](experiment.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+def fmt_delta(s: dict[str, float]) -> str:
+    return signed(s["mean"]) if s["n"] == 1 else f"{signed(s['mean'])} ± {s['std']:.3f}"
+
+
+def write_plot(path: Path, by_arm: dict[str, list[dict]], arm_order: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    arms = [a for a in arm_order if a in by_arm]
+    fig, (ax_bar, ax_curve) = plt.subplots(1, 2, figsize=(12, 4.5))
+    # Left: final accuracy per arm, overall and at the "sometimes" levels 2-3 where RL can move anything; every seed
+    # is a dot, the bar is the mean, so the spread is visible rather than summarised away.
+    keys = [("accuracy", "overall"), ("accuracy_level_2", "level 2"), ("accuracy_level_3", "level 3")]
+    width = 0.8 / len(keys)
+    x = np.arange(len(arms))
+    for j, (key, label) in enumerate(keys):
+        means = [np.mean([s["final"].get(key, np.nan) for s in by_arm[a]]) for a in arms]
+        pos = x + (j - (len(keys) - 1) / 2) * width
+        ax_bar.bar(pos, means, width, label=label, alpha=0.7)
+        for p, a in zip(pos, arms):
+            vals = [s["final"].get(key, np.nan) for s in by_arm[a]]
+            ax_bar.scatter([p] * len(vals), vals, color="black", s=10, zorder=3)
+        start = by_arm[arms[0]][0]["start"].get(key) if arms else None
+        if start is not None:
+            ax_bar.axhline(start, color=f"C{j}", linestyle=":", linewidth=1)
+    ax_bar.set_xticks(x, arms)
+    ax_bar.set_ylabel("final held-out accuracy (dotted: start)")
+    ax_bar.set_ylim(0, 1)
+    ax_bar.legend(fontsize=8)
+    ax_bar.set_title("final accuracy per arm (dots: seeds)")
+    # Right: overall held-out accuracy over steps, mean over seeds with the min-max band.
+    for i, arm in enumerate(arms):
+        curves = [dict(s["curve"]) for s in by_arm[arm]]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        vals = np.array([[c[t] for t in steps] for c in curves])
+        ax_curve.plot(steps, vals.mean(0), marker="o", markersize=3, color=f"C{i}", label=arm)
+        if len(curves) > 1:
+            ax_curve.fill_between(steps, vals.min(0), vals.max(0), color=f"C{i}", alpha=0.15)
+    ax_curve.set_xlabel("learner step")
+    ax_curve.set_ylabel("held-out accuracy (overall)")
+    ax_curve.set_title("learning curves (mean over seeds, band: min–max)")
+    ax_curve.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------------- cli
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
+    p.add_argument("--seeds", type=int, default=3, help="number of run.seed values per arm")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
+    p.add_argument("--steps", type=int, default=2000, help="learner steps per run (run.total_steps)")
+    p.add_argument("--out", default=str(REPO / "docs"), help="where experiment.md and experiment.png go")
+    p.add_argument("--runs-dir", default=str(REPO / "runs" / "experiment"), help="run directories and index.json")
+    p.add_argument("--config", type=Path, default=REPO / "launch" / "default_run.yaml", help="base config YAML")
+    p.add_argument("--inline", action=argparse.BooleanOptionalAction, default=True,
+                   help="run actors in-process (default; avoids a Ray start-up per run)")
+    p.add_argument("--report-only", action="store_true", help="run nothing; report the finished runs")
+    p.add_argument("--quiet", action="store_true", help="silence the per-run driver output")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides applied to every arm, e.g. solver.beta=0.1")
+    args = p.parse_args(argv)
+    args.arm_list = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in args.arm_list if a not in ARMS]
+    if unknown:
+        p.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
+    args.config = args.config.resolve()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    command = shlex.join(["python", "scripts/experiment.py", *argv])
+    records, failed = run_all(args)
+    by_arm = collect(records)
+    if not by_arm:
+        print("experiment: no finished runs to report", flush=True)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_markdown(out / "experiment.md", by_arm, args, command, failed)
+    write_plot(out / "experiment.png", by_arm, args.arm_list)
+    print((out / "experiment.md").read_text(), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

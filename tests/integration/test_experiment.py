@@ -1,0 +1,46 @@
+"""scripts/experiment.py end to end on a tiny world: two arms, one seed, a few steps; report, plot, resume."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "experiment.py"
+
+
+def load_experiment():
+    spec = importlib.util.spec_from_file_location("experiment", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_experiment_reports_arms_plots_and_skips_finished_runs(tmp_path, tiny_cache, monkeypatch, capsys):
+    monkeypatch.setenv("EVA_RAY_CACHE", str(tiny_cache))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    experiment = load_experiment()
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    # Few steps: on 2 shared cores a default-config step takes seconds; eval_every=2 still gives a learning curve.
+    argv = ["--arms", "eva,static", "--seeds", "1", "--steps", "4", "--out", str(out), "--runs-dir", str(runs),
+            "--quiet", "world.seed_size=120", "world.eval_per_level=20", "creator.capacity=48",
+            "logging.eval_every=2"]
+    assert experiment.main(argv) == 0
+    md = (out / "experiment.md").read_text()
+    assert "--steps 4" in md and "seeds (run.seed): 0" in md and "## What the numbers show" in md
+    for arm in ("eva", "static"):
+        row = next(line for line in md.splitlines() if line.startswith(f"| {arm} | 1 |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        float(cells[2]), float(cells[3]), float(cells[4])  # start, final, delta are numbers
+    assert (out / "experiment.png").stat().st_size > 10_000
+    index = json.loads((runs / "index.json").read_text())
+    assert sorted(rec["arm"] for rec in index.values()) == ["eva", "static"]
+    by_arm = experiment.collect(list(index.values()))
+    assert [step for step, _ in by_arm["eva"][0]["curve"]] == [0, 2, 4]
+
+    capsys.readouterr()
+    assert experiment.main(argv) == 0  # everything done: nothing runs again
+    log = capsys.readouterr().out
+    assert log.count("experiment: skip") == 2 and "experiment: run " not in log
+    assert len([p for p in runs.glob("*/*") if p.is_dir()]) == 2
