@@ -31,4 +31,5 @@ def test_default_run_evaluates_by_level_evolves_by_difficulty_and_plots(tmp_path
     for name in ("learning_curve", "curriculum", "informativeness"):
         assert (run_dir / f"{name}.png").stat().st_size > 10_000
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert any(k.startswith("buffer/batch_difficulty/") for k in rows[0])
+    assert rows[0]["train/global_step"] == 0 and "eval/accuracy_level_3" in rows[0]  # the curve's starting point
+    assert any(k.startswith("buffer/batch_difficulty/") for k in rows[1])
