@@ -216,19 +216,16 @@ class Creator:
         if len(rewards) != len(batch.prompts):
             raise ValueError(f"step {step}: {len(rewards)} reward rows for {len(batch.prompts)} prompts")
         info = score_prompts(rewards, self.creator_cfg.metric, inverse_eps=self.creator_cfg.inverse_eps)
-        for record, score, in_buffer in zip(batch.prompts, info.scores, batch.from_buffer):
-            if not in_buffer:  # buffer entries are counted by the buffer's mark_trained below
-                record.times_trained += 1
+        for record, score in zip(batch.prompts, info.scores):
+            record.times_trained += 1
             if np.isfinite(score):
                 record.info, record.info_measured = float(score), True
 
+        # Trained buffer entries always leave the buffer (the paper's "pop the trained ones"), so their scores are
+        # kept on the records, which live on as parents and in the lineage, not written back into the buffer.
         buffer_ids = [r.id for r, b in zip(batch.prompts, batch.from_buffer) if b]
         if buffer_ids:
-            self.buffer.update_scores(buffer_ids, [r.info if r.info is not None else np.nan
-                                                   for r, b in zip(batch.prompts, batch.from_buffer) if b])
-            self.buffer.mark_trained(buffer_ids)
-            if batch.plan.pops_trained:
-                self._forget(self.buffer.pop(buffer_ids), "popped")
+            self._forget(self.buffer.pop(buffer_ids), "popped")
 
         k = min(batch.plan.n_parents, len(batch.prompts))
         picked = select_indices(np.nan_to_num(info.scores, nan=0.0), k, mode=self.creator_cfg.parent_selection,

@@ -30,6 +30,3 @@ class RolloutGroup:
     def update_weights(self, weights: dict[str, Any], version: int) -> None:
         shared = self.share(weights)
         gather([w.call("update_weights", shared, version) for w in self.workers])
-
-    def stats(self) -> list[dict[str, Any]]:
-        return gather([w.call("stats") for w in self.workers])

@@ -74,10 +74,6 @@ class MetricsLogger:
             self._run.define_metric(STEP_KEY)
             self._run.define_metric("*", step_metric=STEP_KEY)
 
-    @property
-    def wandb_dir(self) -> Path | None:
-        return Path(self._run.dir).parent if self._run is not None else None
-
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         flat = flatten(metrics)
         flat[STEP_KEY] = step
