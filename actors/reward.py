@@ -181,16 +181,30 @@ class _FunctionScorer:
 # ------------------------------------------------------------------------------------------------------ models
 
 
+def is_causal_lm_only(config: Any) -> bool:
+    """True when a checkpoint was saved as a causal LM only, so a sequence-classification load adds an untrained head."""
+    architectures = getattr(config, "architectures", None) or []
+    return bool(architectures) and all(a.endswith("ForCausalLM") for a in architectures)
+
+
 class _Classifier:
     """A one-output sequence classifier that scores token-id rows in right-padded batches."""
 
     def __init__(self, path: str, *, trust_remote_code: bool, batch_size: int, max_length: int,
                  device: torch.device, dtype: torch.dtype) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        # A plain causal LM (the usual way to start a reward model) has no score head yet: transformers adds a fresh
+        # one, which must have one output for a pointwise score. Its scores are random until it is trained.
+        self.untrained_head = is_causal_lm_only(config)
+        extra = {"num_labels": 1} if self.untrained_head else {}
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
+            path, dtype=dtype, trust_remote_code=trust_remote_code, **extra).to(device).eval()
+        if self.untrained_head:
+            print(f"reward: {path} is a causal LM without a score head; its new head is untrained, so its rewards "
+                  "carry no meaning (fine for a smoke run, not for training)", flush=True)
         self.device = device
         self.batch_size = batch_size
         self.max_length = max_length

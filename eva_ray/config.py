@@ -73,10 +73,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = knob("", "Seed prompt set D: a JSONL file, a Parquet file or a `datasets` folder.")
+    path: str = knob("", "Seed prompt set D: a JSONL file, a Parquet file or a `datasets` folder; "
+                     "`pkg:<module>/<path>` names a file inside an installed package.")
     format: str = knob("auto", "How to read `path`; auto picks by suffix / folder.",
                        choices=("auto", "jsonl", "parquet", "datasets"))
-    prompt_field: str = knob("prompt", "Column holding the prompt: a string or a list of chat messages.")
+    prompt_field: str = knob("prompt", "Column holding the prompt: a string or a list of chat messages; a dotted "
+                             "path reaches inside (`turns.0`: the first element of a list column).")
     id_field: str | None = knob(None, "Column holding a stable prompt id; row numbers are used when unset.")
     max_prompt_chars: int = knob(8000, "Rows with a longer prompt are rejected (and counted).", ge=1)
     max_prompts: int | None = knob(None, "Keep only the first N valid prompts (after shuffling).", ge=1)

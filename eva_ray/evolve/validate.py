@@ -55,12 +55,17 @@ _ANY_MARKER_RE = re.compile(
 # Loose labels a chatty model puts in front of its answer ("**New prompt:**", "Here is the rewritten prompt:").
 # A separator is required so that a prompt that merely *starts* with "New prompt ..." survives.
 _BOLD = r"(?:\*\*|__)?"
+# SmolLM2-135M-Instruct also answers "- The new prompt:" and "The new prompt reads:", so a list bullet, a bare "the"
+# and a linking verb are allowed around the label.
 _LEADING_LABEL_RE = re.compile(
-    rf"^\s*(?:(?:sure|okay|ok|certainly)[,.!]?\s*)?{_BOLD}\s*(?:here(?:'s|\s+is)\s+(?:the|a|my|your)\s+)?"
+    rf"^\s*(?:[-*\u2022]\s+)?(?:(?:sure|okay|ok|certainly)[,.!]?\s*)?{_BOLD}\s*"
+    rf"(?:here(?:'s|\s+is)\s+(?:the|a|my|your)\s+|the\s+)?"
     rf"(?:(?:rewritten|new|created|evolved|revised|improved|generated)\s+)+(?:prompt|task|instruction|question)"
-    rf"\s*{_BOLD}\s*[:\-\u2013\u2014]\s*{_BOLD}\s*",
+    rf"(?:\s+(?:reads|is|would\s+be))?\s*{_BOLD}\s*[:\-\u2013\u2014]\s*{_BOLD}\s*",
     re.IGNORECASE,
 )
+# A run of hashes closing the answer is the model imitating the template's markers, not part of the prompt.
+_TRAILING_HASHES_RE = re.compile(r"\s*#{2,}\s*$")
 _FENCE_RE = re.compile(r"^```[^\n`]*\n(.*?)\n?```$", re.DOTALL)
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb"}
 
@@ -106,6 +111,7 @@ def parse_evolved(raw: str) -> str:
         m = _INPUT_RE.search(s)
         if m and m.start() > 0:
             s = s[: m.start()]
+        s = _TRAILING_HASHES_RE.sub("", s)
         s = _unquote(s.strip()).strip()
         if s == before:
             break

@@ -135,6 +135,18 @@ def test_non_finite_model_scores_become_nan_and_are_counted(paths):
     assert all(math.isnan(r) for row in result.rewards for r in row)
 
 
+def test_a_causal_lm_checkpoint_loads_with_one_untrained_score_output(paths, capsys):
+    # How a reward model starts life (and the smoke config's RM): a plain causal LM. Without num_labels=1 the fresh
+    # head would give two scores per sequence and fail at the first batch.
+    rm = RewardActor("model", model=paths["policy"], batch_size=4)
+    assert "untrained" in capsys.readouterr().out
+    result = rm.score(PROMPTS, RESPONSES)
+    assert result.counts["valid"] == 5 and all(math.isfinite(r) for row in result.rewards for r in row)
+    # A checkpoint that was saved with its head keeps it and is not called untrained.
+    RewardActor("model", model=paths["reward"], batch_size=4)
+    assert "untrained" not in capsys.readouterr().out
+
+
 def test_compare_is_the_bradley_terry_probability_of_the_pointwise_scores(rm):
     a, b = ["15", "Red."], ["It is fifteen, obviously.", "Red."]
     r = rm.score(PROMPTS[:2], [[a[0], b[0]], [a[1], b[1]]]).rewards

