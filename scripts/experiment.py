@@ -152,6 +152,21 @@ def curve(run_dir: str | Path, start: float) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
+def informative_share(run_dir: str | Path) -> float | None:
+    """Mean share of trained prompts whose responses had a reward spread: how much of each batch could teach.
+
+    This is what the creator is for; a prompt without spread (all solved or all failed) gives RLOO no signal.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    values = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if "train/spread_fraction" in line and "creator/evolved_prompts" not in line:
+            value = json.loads(line).get("train/spread_fraction")
+            if value is not None:
+                values.append(float(value))
+    return statistics.fmean(values) if values else None
+
+
 def collect(records: list[dict]) -> dict[str, list[dict]]:
     """Per arm: one entry per seed with start/final accuracy by key and its learning curve."""
     by_arm: dict[str, list[dict]] = {}
@@ -162,7 +177,7 @@ def collect(records: list[dict]) -> dict[str, list[dict]]:
         start, final = summary["eval_start"], summary["eval"]
         by_arm.setdefault(rec["arm"], []).append({
             "seed": rec["seed"], "wall_s": rec.get("wall_s"), "start": start, "final": final,
-            "curve": curve(rec["run_dir"], start["accuracy"])})
+            "curve": curve(rec["run_dir"], start["accuracy"]), "informative": informative_share(rec["run_dir"])})
     return by_arm
 
 
@@ -232,14 +247,18 @@ def write_markdown(path: Path, by_arm: dict[str, list[dict]], args: argparse.Nam
         if arm in arms:
             lines.append(f"  - {arm}: `{' '.join(ARMS[arm]) or '(default config)'}`")
     lines += ["", "## Overall held-out accuracy", "",
-              "| arm | seeds | start | final | Δ | wall s / run |", "|---|---|---|---|---|---|"]
+              "| arm | seeds | start | final | Δ | trained prompts with reward spread | wall s / run |",
+              "|---|---|---|---|---|---|---|"]
     for arm in arms:
         seeds = by_arm[arm]
         final, delta = arm_stats(seeds, "accuracy")
         start = stats([s["start"]["accuracy"] for s in seeds])
         walls = [s["wall_s"] for s in seeds if s["wall_s"] is not None]
         wall = f"{statistics.fmean(walls):.0f}" if walls else "–"
-        lines.append(f"| {arm} | {len(seeds)} | {start['mean']:.3f} | {fmt(final)} | {fmt_delta(delta)} | {wall} |")
+        shares = [s["informative"] for s in seeds if s["informative"] is not None]
+        share = fmt(stats(shares)) if shares else "–"
+        lines.append(f"| {arm} | {len(seeds)} | {start['mean']:.3f} | {fmt(final)} | {fmt_delta(delta)} | {share} "
+                     f"| {wall} |")
     lines += ["", "## Final accuracy by level (Δ from start in parentheses)", "",
               "| arm | " + " | ".join(f"L{d}" for d in LEVELS) + " |", "|---|" + "---|" * len(LEVELS)]
     for arm in arms:
@@ -254,9 +273,11 @@ def write_markdown(path: Path, by_arm: dict[str, list[dict]], args: argparse.Nam
                   + ", ".join(f"L{d} {start_levels.get(f'accuracy_level_{d}', float('nan')):.3f}" for d in LEVELS)
                   + "."]
     lines += ["", "## What the numbers show", "", verdict(by_arm)]
+    if args.notes:  # the human reading: kept in a file so that regenerating the tables does not lose it
+        lines += ["", "## Reading", "", Path(args.notes).read_text().strip()]
     if failed:
         lines += ["", "Runs that failed or did not finish (not in the tables): " + ", ".join(f"`{k}`" for k in failed)]
-    lines += ["", "![held-out accuracy per arm](experiment.png)", ""]
+    lines += ["", f"![held-out accuracy per arm]({args.name}.png)", ""]
     path.write_text("\n".join(lines))
 
 
@@ -327,6 +348,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run actors in-process (default; avoids a Ray start-up per run)")
     p.add_argument("--report-only", action="store_true", help="run nothing; report the finished runs")
     p.add_argument("--quiet", action="store_true", help="silence the per-run driver output")
+    p.add_argument("--name", default="experiment", help="report file names: <out>/<name>.md and <out>/<name>.png")
+    p.add_argument("--notes", help="a Markdown file with the reading of the results, added to the report")
     p.add_argument("overrides", nargs="*", help="dotted config overrides applied to every arm, e.g. solver.beta=0.1")
     args = p.parse_args(argv)
     args.arm_list = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -338,10 +361,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def reproducing_args(argv: list[str]) -> list[str]:
+    """The arguments that reproduce the runs: --report-only and --notes only change how a report is written."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--report-only" or arg.startswith("--notes="):
+            continue
+        elif arg == "--notes":
+            skip = True
+        else:
+            kept.append(arg)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    command = shlex.join(["python", "scripts/experiment.py", *argv])
+    command = shlex.join(["python", "scripts/experiment.py", *reproducing_args(argv)])
     records, failed = run_all(args)
     by_arm = collect(records)
     if not by_arm:
@@ -349,9 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_markdown(out / "experiment.md", by_arm, args, command, failed)
-    write_plot(out / "experiment.png", by_arm, args.arm_list)
-    print((out / "experiment.md").read_text(), flush=True)
+    write_markdown(out / f"{args.name}.md", by_arm, args, command, failed)
+    write_plot(out / f"{args.name}.png", by_arm, args.arm_list)
+    print((out / f"{args.name}.md").read_text(), flush=True)
     return 1 if failed else 0
 
 

@@ -33,6 +33,7 @@ def test_experiment_reports_arms_plots_and_skips_finished_runs(tmp_path, tiny_ca
         row = next(line for line in md.splitlines() if line.startswith(f"| {arm} | 1 |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         float(cells[2]), float(cells[3]), float(cells[4])  # start, final, delta are numbers
+        assert 0.0 <= float(cells[5]) <= 1.0  # share of trained prompts with reward spread
     assert (out / "experiment.png").stat().st_size > 10_000
     index = json.loads((runs / "index.json").read_text())
     assert sorted(rec["arm"] for rec in index.values()) == ["eva", "static"]
@@ -44,3 +45,11 @@ def test_experiment_reports_arms_plots_and_skips_finished_runs(tmp_path, tiny_ca
     log = capsys.readouterr().out
     assert log.count("experiment: skip") == 2 and "experiment: run " not in log
     assert len([p for p in runs.glob("*/*") if p.is_dir()]) == 2
+
+    # A report under another name, with a hand-written reading; the recorded command is still the one that runs.
+    notes = tmp_path / "reading.md"
+    notes.write_text("The gap is noise.")
+    assert experiment.main([*argv, "--report-only", "--notes", str(notes), "--name", "probe"]) == 0
+    md = (out / "probe.md").read_text()
+    assert "## Reading\n\nThe gap is noise." in md and "](probe.png)" in md and (out / "probe.png").is_file()
+    assert "--report-only" not in md and "--notes" not in md and "--name probe" in md
