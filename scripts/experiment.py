@@ -20,7 +20,9 @@ Run::
     python scripts/experiment.py --report-only        # redraw the report from the runs already in --runs-dir
 
 Resumable: --runs-dir/index.json records every finished run under (arm, seed, steps, pass-through overrides); a run
-whose run directory still holds a complete summary.json is not run again.
+whose run directory still holds a complete summary.json is not run again, and a run that stopped early (an arm whose creator starves, say) is
+recorded with its reason and the step it reached, reported in its own table, and not run again unless
+--retry-failed. The exit status is 1 when any run stopped early.
 """
 
 from __future__ import annotations
@@ -84,6 +86,25 @@ def save_index(runs_dir: Path, index: dict[str, dict]) -> None:
     os.replace(tmp, runs_dir / INDEX)
 
 
+def stopped_early(runs_dir: Path, arm: str, seed: int, steps: int, error: str) -> dict:
+    """The index record of a run that ended before its last step (e.g. its creator starved), with what it reached.
+
+    Recorded so that the report can say which arms could not go the distance, and so that a deterministic failure is
+    not re-run every time the experiment resumes (--retry-failed does that on purpose).
+    """
+    dirs = sorted((runs_dir / arm).glob(f"{arm}-seed{seed}-steps{steps}-*"), key=lambda p: p.stat().st_mtime)
+    summary: dict[str, Any] = {}
+    if dirs:
+        try:
+            summary = json.loads((dirs[-1] / "summary.json").read_text())
+        except (OSError, ValueError):
+            summary = {}
+    return {"arm": arm, "seed": seed, "steps": steps, "run_dir": str(dirs[-1]) if dirs else None,
+            "error": summary.get("error") or error, "steps_done": summary.get("steps_done"),
+            "accuracy_at_stop": summary.get("eval", {}).get("accuracy"),
+            "finished": dt.datetime.now().isoformat(timespec="seconds")}
+
+
 def run_one(config: Path, arm: str, seed: int, steps: int, overrides: list[str], runs_dir: Path, *,
             inline: bool, quiet: bool) -> dict:
     from eva_ray.config import load_config
@@ -102,7 +123,7 @@ def run_one(config: Path, arm: str, seed: int, steps: int, overrides: list[str],
 
 
 def run_all(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
-    """Run every missing (arm, seed); returns the index records of this experiment and the keys that failed."""
+    """Run every missing (arm, seed); returns the index records of finished runs and of runs that stopped early."""
     runs_dir = Path(args.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     index = load_index(runs_dir)
@@ -111,7 +132,11 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
         for arm in args.arm_list:
             key = run_key(arm, seed, args.steps, args.overrides)
             rec = index.get(key)
-            if rec and complete_summary(rec["run_dir"], args.steps):
+            if rec and rec.get("error") and not args.retry_failed:
+                print(f"experiment: skip {key} (stopped early before: {rec['error'][:100]})", flush=True)
+                failed.append(rec)
+                continue
+            if rec and not rec.get("error") and complete_summary(rec["run_dir"], args.steps):
                 print(f"experiment: skip {key} (done: {rec['run_dir']})", flush=True)
                 records.append(rec)
                 continue
@@ -121,13 +146,17 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
             try:
                 rec = run_one(args.config, arm, seed, args.steps, args.overrides, runs_dir, inline=args.inline,
                               quiet=args.quiet)
-            except Exception as exc:  # one broken run should not lose the others; it is reported and retried
+            except Exception as exc:  # one broken run should not lose the others; it is recorded and reported
                 print(f"experiment: {key} failed: {type(exc).__name__}: {exc}", flush=True)
-                failed.append(key)
-                continue
-            if not complete_summary(rec["run_dir"], args.steps):
-                print(f"experiment: {key} did not finish (see {rec['run_dir']}/summary.json)", flush=True)
-                failed.append(key)
+                rec = stopped_early(runs_dir, arm, seed, args.steps, f"{type(exc).__name__}: {exc}")
+            else:
+                if not complete_summary(rec["run_dir"], args.steps):
+                    print(f"experiment: {key} did not finish (see {rec['run_dir']}/summary.json)", flush=True)
+                    rec = stopped_early(runs_dir, arm, seed, args.steps, "did not finish")
+            if rec.get("error"):
+                index[key] = rec
+                save_index(runs_dir, index)
+                failed.append(rec)
                 continue
             print(f"experiment: {key} done in {rec['wall_s']:.0f} s", flush=True)
             index[key] = rec
@@ -232,7 +261,7 @@ def verdict(by_arm: dict[str, list[dict]]) -> str:
 
 
 def write_markdown(path: Path, by_arm: dict[str, list[dict]], args: argparse.Namespace, command: str,
-                   failed: list[str]) -> None:
+                   failed: list[dict]) -> None:
     arms = [a for a in args.arm_list if a in by_arm]
     lines = ["# eva vs ablations in the chain_sum proving ground", "",
              f"- date: {dt.date.today().isoformat()}",
@@ -276,7 +305,14 @@ def write_markdown(path: Path, by_arm: dict[str, list[dict]], args: argparse.Nam
     if args.notes:  # the human reading: kept in a file so that regenerating the tables does not lose it
         lines += ["", "## Reading", "", Path(args.notes).read_text().strip()]
     if failed:
-        lines += ["", "Runs that failed or did not finish (not in the tables): " + ", ".join(f"`{k}`" for k in failed)]
+        lines += ["", "## Runs that stopped early (not in the tables above)", "",
+                  "| arm | seed | steps done | accuracy at the stop | why |", "|---|---|---|---|---|"]
+        for rec in failed:
+            acc = rec.get("accuracy_at_stop")
+            why = " ".join(str(rec.get("error", "")).split())
+            why = why if len(why) <= 160 else why[:157] + "..."
+            lines.append(f"| {rec['arm']} | {rec['seed']} | {rec.get('steps_done') or '–'} | "
+                         f"{'–' if acc is None else f'{acc:.3f}'} | {why.replace('|', '/')} |")
     lines += ["", f"![held-out accuracy per arm]({args.name}.png)", ""]
     path.write_text("\n".join(lines))
 
@@ -347,6 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inline", action=argparse.BooleanOptionalAction, default=True,
                    help="run actors in-process (default; avoids a Ray start-up per run)")
     p.add_argument("--report-only", action="store_true", help="run nothing; report the finished runs")
+    p.add_argument("--retry-failed", action="store_true", help="run again the runs that stopped early before")
     p.add_argument("--quiet", action="store_true", help="silence the per-run driver output")
     p.add_argument("--name", default="experiment", help="report file names: <out>/<name>.md and <out>/<name>.png")
     p.add_argument("--notes", help="a Markdown file with the reading of the results, added to the report")
@@ -367,7 +404,7 @@ def reproducing_args(argv: list[str]) -> list[str]:
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--report-only" or arg.startswith("--notes="):
+        elif arg in ("--report-only", "--retry-failed") or arg.startswith("--notes="):
             continue
         elif arg == "--notes":
             skip = True

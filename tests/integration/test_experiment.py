@@ -53,3 +53,39 @@ def test_experiment_reports_arms_plots_and_skips_finished_runs(tmp_path, tiny_ca
     md = (out / "probe.md").read_text()
     assert "## Reading\n\nThe gap is noise." in md and "](probe.png)" in md and (out / "probe.png").is_file()
     assert "--report-only" not in md and "--notes" not in md and "--name probe" in md
+
+
+def test_a_run_that_stops_early_is_reported_and_not_rerun(tmp_path, monkeypatch, capsys):
+    experiment = load_experiment()
+    calls = []
+
+    def starving_run(config, arm, seed, steps, overrides, runs_dir, **_):
+        # What the driver leaves behind when the creator starves: a run directory whose summary has the error.
+        calls.append(arm)
+        run_dir = runs_dir / arm / f"{arm}-seed{seed}-steps{steps}-20260101-000000"
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text(json.dumps({
+            "steps_done": 7, "error": "CreatorStarved: step 7: D is used up", "eval": {"accuracy": 0.25}}))
+        raise RuntimeError("CreatorStarved: step 7: D is used up")
+
+    monkeypatch.setattr(experiment, "run_one", starving_run)
+    argv = ["--arms", "inverse", "--seeds", "1", "--steps", "9", "--out", str(tmp_path), "--runs-dir",
+            str(tmp_path / "runs")]
+    assert experiment.main(argv) == 1  # nothing finished: nothing to report, and the caller is told
+    assert calls == ["inverse"]
+    index = json.loads((tmp_path / "runs" / "index.json").read_text())
+    (rec,) = index.values()
+    assert rec["steps_done"] == 7 and rec["accuracy_at_stop"] == 0.25 and rec["error"].startswith("CreatorStarved")
+    capsys.readouterr()
+    experiment.main(argv)
+    assert calls == ["inverse"] and "stopped early before" in capsys.readouterr().out  # not run again
+    experiment.main([*argv, "--retry-failed"])
+    assert calls == ["inverse", "inverse"]
+
+    # Next to a finished arm, the stopped run gets its own table.
+    by_arm = {"eva": [{"seed": 0, "wall_s": 1.0, "start": {"accuracy": 0.2}, "final": {"accuracy": 0.3},
+                       "curve": [(0, 0.2), (9, 0.3)], "informative": 0.5}]}
+    args = experiment.parse_args(argv)
+    experiment.write_markdown(tmp_path / "r.md", by_arm, args, "cmd", [rec])
+    md = (tmp_path / "r.md").read_text()
+    assert "## Runs that stopped early" in md and "| inverse | 0 | 7 | 0.250 | CreatorStarved: step 7" in md
