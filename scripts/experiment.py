@@ -20,9 +20,9 @@ Run::
     python scripts/experiment.py --report-only        # redraw the report from the runs already in --runs-dir
 
 Resumable: --runs-dir/index.json records every finished run under (arm, seed, steps, pass-through overrides); a run
-whose run directory still holds a complete summary.json is not run again, and a run that stopped early (an arm whose creator starves, say) is
-recorded with its reason and the step it reached, reported in its own table, and not run again unless
---retry-failed. The exit status is 1 when any run stopped early.
+whose run directory still holds a complete summary.json is not run again. A run that stopped early (an arm whose
+creator starves, say) is recorded with its reason and the step it reached, reported in its own table, and not run
+again unless --retry-failed. The exit status is 1 when any run stopped early.
 """
 
 from __future__ import annotations
