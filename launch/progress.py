@@ -35,7 +35,10 @@ class Progress:
             "loss skipped (no reward spread)" if train.get("skipped") else f"loss {_fmt(train.get('loss', float('nan')))}",
             f"buffer {buffer.get('size', 0)}/{buffer.get('capacity', 0)}",
             f"evolve ok {creator.get('evolve_ok', 0)} rej {creator.get('evolve_rejected_total', 0)} "
-            f"fail {creator.get('evolve_failed_total', 0)}",
+            f"fail {creator.get('evolve_failed_total', 0)}"
+            # Batches still at the evolve LLM: with a slow model (SmolLM2 on CPU takes minutes) this says the creator
+            # is working while ok/rej/fail, counted when a batch returns, stay at 0.
+            + (f" pending {creator['in_flight']}" if creator.get("in_flight") else ""),
         ]
         if "eval" in metrics:
             parts.append(f"win-rate {_fmt(metrics['eval']['win_rate'])}")

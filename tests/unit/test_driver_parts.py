@@ -38,9 +38,11 @@ def test_progress_line_shows_phase_rate_and_eta():
                         "train": {"loss": 0.5}, "creator": {"evolve_ok": 3}, "eval": {"win_rate": 0.75}})
     (line,) = lines
     assert line.startswith("step 5/10 [mix-up] reward 0.25 loss 0.5 buffer 7/12 evolve ok 3")
-    assert "win-rate 0.75" in line and "step/s" in line and "ETA" in line
+    assert "win-rate 0.75" in line and "step/s" in line and "ETA" in line and "pending" not in line
     Progress(10, enabled=False, echo=lines.append).update(1, {})
     assert len(lines) == 1
+    progress.update(6, {"creator": {"evolve_ok": 0, "in_flight": 2}})  # a slow evolve LLM is visibly busy
+    assert "evolve ok 0 rej 0 fail 0 pending 2 |" in lines[-1]
 
 
 def test_summary_lines_report_phases_evolving_and_outputs():
