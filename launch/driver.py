@@ -254,6 +254,10 @@ def summary_lines(summary: RunSummary) -> list[str]:
         lines.append(f"  evolve: {creator.get('evolve_requested', 0)} requested, {creator.get('evolve_ok', 0)} ok, "
                      f"{creator.get('evolve_rejected_total', 0)} rejected {creator.get('evolve_rejected', {})}, "
                      f"{creator.get('evolve_failed_total', 0)} failed {creator.get('evolve_failed', {})}")
+        if final.get("evolve_tasks_unfinished"):
+            lines.append(f"  evolve: {final['evolve_tasks_unfinished']} batches were still at the evolve LLM when the "
+                         "run ended (not counted above): the LLM is slower than the run, so fewer or no evolved "
+                         "prompts reached the solver")
     if buffer:
         lines.append(f"  buffer: {buffer.get('size', 0)}/{buffer.get('capacity', 0)} prompts, by generation "
                      f"{buffer.get('generations', {})}, by operator {buffer.get('operators', {})}")

@@ -59,4 +59,6 @@ def test_summary_lines_report_phases_evolving_and_outputs():
     assert "done, 4 steps (warm-up 2, mix-up 1, bootstrap 1)" in text
     assert "10 requested, 7 ok, 2 rejected {'empty': 2}, 1 failed {'Timeout': 1}" in text
     assert "win-rate against the initial policy: 0.625 on 8 held-out prompts" in text
-    assert "outputs: /runs/x" in text
+    assert "outputs: /runs/x" in text and "still at the evolve LLM" not in text
+    summary.final["evolve_tasks_unfinished"] = 3
+    assert "3 batches were still at the evolve LLM" in "\n".join(summary_lines(summary))
