@@ -166,6 +166,11 @@ class Evolver:
                 counts.latencies_s.append(time.perf_counter() - t0)
         return raw
 
+    def _instructions(self, job: _Job) -> str:
+        """The wording of the request for ``job`` without the parent, for the validator's echo check."""
+        messages = build_messages(job.parent.prompt_text, job.operator, self.style, system=self.system_message)
+        return "\n".join(m["content"] for m in messages).replace(job.parent.prompt_text, "\n")
+
     async def _attempt(self, jobs: Sequence[_Job], step: int, counts: EvolveCounts) -> list[PromptRecord | None]:
         """Run ``jobs`` concurrently, then parse, validate and register their answers in job order.
 
@@ -178,7 +183,7 @@ class Evolver:
             if raw is None:
                 out.append(None)
                 continue
-            clean, reason = self.validator.check(raw, job.parent.prompt_text)
+            clean, reason = self.validator.check(raw, job.parent.prompt_text, self._instructions(job))
             if clean is None:
                 counts.rejected[reason or "unknown"] += 1
                 out.append(None)

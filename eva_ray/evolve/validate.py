@@ -29,6 +29,7 @@ TOO_LONG = "too_long"
 NEAR_DUPLICATE_PARENT = "near_duplicate_parent"
 DUPLICATE_IN_BUFFER = "duplicate_in_buffer"
 NEAR_DUPLICATE_BUFFER = "near_duplicate_buffer"
+ECHOED_INSTRUCTION = "echoed_instruction"
 REJECTION_REASONS: tuple[str, ...] = (
     EMPTY,
     ECHOED_MARKER,
@@ -37,6 +38,7 @@ REJECTION_REASONS: tuple[str, ...] = (
     NEAR_DUPLICATE_PARENT,
     DUPLICATE_IN_BUFFER,
     NEAR_DUPLICATE_BUFFER,
+    ECHOED_INSTRUCTION,
 )
 
 RejectionCounter = Counter  # Counter[str] keyed by one of REJECTION_REASONS
@@ -171,6 +173,21 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / union if union else 1.0
 
 
+def echoed_share(text: str, instructions: str, n: int = 4) -> float:
+    """Share of ``text``'s word ``n``-grams that also occur in ``instructions`` (0 when it has fewer than n words).
+
+    Word n-grams, not character shingles: two unrelated English texts share many 5-character shingles (" the ",
+    "tion ") but almost no runs of four words, while a small model that copies its operator's instruction back
+    ("Rework the original prompt so that answering it takes several explicit steps ...") shares nearly all of them.
+    """
+    def grams(s: str) -> set[tuple[str, ...]]:
+        words = normalize(s).split()
+        return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+    mine = grams(text)
+    return len(mine & grams(instructions)) / len(mine) if mine else 0.0
+
+
 class NearDuplicateIndex:
     """Normalised-exact and near-duplicate lookup over a growing, shrinking set of texts.
 
@@ -290,7 +307,8 @@ class EvolveValidator:
     Length: a child may be at most ``max(max_length_ratio * len(parent), len(parent) + min_slack_chars)`` long
     (the slack keeps a 15-character parent from capping its children at 60 characters) and never more than
     ``max_chars``. Similarity: Jaccard of character shingles of the normalised texts, against the parent
-    (``parent_similarity``) and against every registered buffer prompt (``buffer_similarity``).
+    (``parent_similarity``) and against every registered buffer prompt (``buffer_similarity``). Echo: when the
+    request's wording is given, a child whose word 4-grams are at least ``instruction_echo`` from it is rejected.
     """
 
     max_length_ratio: float = 4.0
@@ -299,13 +317,14 @@ class EvolveValidator:
     min_chars: int = 1
     parent_similarity: float = 0.9
     buffer_similarity: float = 0.95
+    instruction_echo: float = 0.5
     shingle_size: int = 5
     num_perm: int = 64
 
     def __post_init__(self) -> None:
         if self.max_length_ratio <= 0 or self.min_slack_chars < 0 or self.max_chars <= 0 or self.min_chars < 0:
             raise ValueError("length limits must be positive")
-        for name in ("parent_similarity", "buffer_similarity"):
+        for name in ("parent_similarity", "buffer_similarity", "instruction_echo"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         self.index = NearDuplicateIndex(
@@ -326,8 +345,12 @@ class EvolveValidator:
         n = len(parent_text)
         return min(self.max_chars, int(max(self.max_length_ratio * n, n + self.min_slack_chars)))
 
-    def reason(self, text: str, parent_text: str) -> str | None:
-        """Why an already parsed ``text`` is rejected as a child of ``parent_text``; ``None`` when it is fine."""
+    def reason(self, text: str, parent_text: str, instructions: str | None = None) -> str | None:
+        """Why an already parsed ``text`` is rejected as a child of ``parent_text``; ``None`` when it is fine.
+
+        ``instructions``: the evolve request's own wording (the meta-prompt without the parent); a child that mostly
+        repeats it is the model parroting its task, not a new prompt.
+        """
         norm = normalize(text)
         if not norm:
             return EMPTY
@@ -337,6 +360,8 @@ class EvolveValidator:
             return TOO_SHORT
         if len(text) > self.max_length(parent_text):
             return TOO_LONG
+        if instructions and echoed_share(text, instructions) >= self.instruction_echo:
+            return ECHOED_INSTRUCTION
         # Parent before buffer: a child that just restates a parent which is itself in the buffer is the
         # operator's failure, and should be counted as such.
         parent_norm = normalize(parent_text)
@@ -349,13 +374,13 @@ class EvolveValidator:
             return NEAR_DUPLICATE_BUFFER
         return None
 
-    def check(self, text: str, parent_text: str) -> tuple[str | None, str | None]:
+    def check(self, text: str, parent_text: str, instructions: str | None = None) -> tuple[str | None, str | None]:
         """Parse a raw answer and validate it: ``(clean_text, None)`` or ``(None, reason)``. Counts the outcome.
 
         Does not register the accepted text: the caller decides whether it really enters the buffer.
         """
         clean = parse_evolved(text)
-        why = self.reason(clean, parent_text)
+        why = self.reason(clean, parent_text, instructions)
         if why is not None:
             self.rejections[why] += 1
             return None, why

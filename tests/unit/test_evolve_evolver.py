@@ -14,6 +14,7 @@ from eva_ray.evolve.evolver import EvolveBatch, Evolver
 from eva_ray.evolve.operators import IN_DEPTH, INPUT_MARKER, OPERATORS, OUTPUT_MARKER
 from eva_ray.evolve.validate import (
     DUPLICATE_IN_BUFFER,
+    ECHOED_INSTRUCTION,
     ECHOED_MARKER,
     EMPTY,
     NEAR_DUPLICATE_PARENT,
@@ -144,6 +145,17 @@ def test_rejections_by_reason_and_failures_by_exception_type() -> None:
     assert dict(c.failed) == {"ProviderDown": c.n_failed} and c.n_failed > 0
     assert_counts_add_up(batch)
     assert ev.validator.rejections == c.rejected  # the validator's own counter agrees
+
+
+def test_a_child_that_parrots_its_operator_instruction_is_rejected() -> None:
+    # Seen with SmolLM2-135M: the "reasoning" request answered with its own method text, lightly reworded.
+    script = {"reasoning": lambda p: OPERATORS["reasoning"].instruction.replace(".", "") + " about the sea"}
+    ev = Evolver(FakeLLM(script), operators=["reasoning", "concretizing"], rng_seed=0)
+    batch = run(ev.evolve(seeds(3), 6, step=1))
+    c = batch.counts
+    assert c.rejected[ECHOED_INSTRUCTION] > 0 and c.ok > 0  # the other operator's children are fine
+    assert all(child.operator == "concretizing" for child in batch.children)
+    assert_counts_add_up(batch)
 
 
 def test_a_raising_complete_does_not_kill_the_batch() -> None:

@@ -157,3 +157,21 @@ def test_validator_rejects_bad_settings() -> None:
         EvolveValidator(buffer_similarity=0.0)
     with pytest.raises(ValueError, match="length"):
         EvolveValidator(max_length_ratio=-1)
+
+
+def test_echoed_share_counts_runs_of_words_not_common_letters() -> None:
+    from eva_ray.evolve.validate import echoed_share
+
+    instructions = ("Rework the original prompt so that answering it takes several explicit steps of thought, such "
+                    "as intermediate calculations or a chain of deductions.")
+    assert echoed_share("Rework the original prompt so that answering it takes several explicit steps.",
+                        instructions) > 0.8
+    # An ordinary prompt shares letters and short words with any English instruction, but no four-word runs.
+    assert echoed_share("Write a short story about the original owner of a lighthouse, in several steps.",
+                        instructions) < 0.2
+    assert echoed_share("Too short", instructions) == 0.0
+    v = EvolveValidator()
+    assert v.reason("Rework the original prompt so that answering it takes several explicit steps of thought",
+                    "parent", instructions) == "echoed_instruction"
+    assert v.reason("Rework the original prompt so that answering it takes several explicit steps of thought",
+                    "parent") is None  # without the instructions there is nothing to compare against
