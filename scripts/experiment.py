@@ -51,6 +51,7 @@ ARMS: dict[str, list[str]] = {
 }
 LEVELS = range(1, 6)
 INDEX = "index.json"
+READING_HEADING = "\n## Reading"
 
 
 # ---------------------------------------------------------------------------------------------------------- running
@@ -302,8 +303,6 @@ def write_markdown(path: Path, by_arm: dict[str, list[dict]], args: argparse.Nam
                   + ", ".join(f"L{d} {start_levels.get(f'accuracy_level_{d}', float('nan')):.3f}" for d in LEVELS)
                   + "."]
     lines += ["", "## What the numbers show", "", verdict(by_arm)]
-    if args.notes:  # the human reading: kept in a file so that regenerating the tables does not lose it
-        lines += ["", "## Reading", "", Path(args.notes).read_text().strip()]
     if failed:
         lines += ["", "## Runs that stopped early (not in the tables above)", "",
                   "| arm | seed | steps done | accuracy at the stop | why |", "|---|---|---|---|---|"]
@@ -314,7 +313,18 @@ def write_markdown(path: Path, by_arm: dict[str, list[dict]], args: argparse.Nam
             lines.append(f"| {rec['arm']} | {rec['seed']} | {rec.get('steps_done') or '–'} | "
                          f"{'–' if acc is None else f'{acc:.3f}'} | {why.replace('|', '/')} |")
     lines += ["", f"![held-out accuracy per arm]({args.name}.png)", ""]
-    path.write_text("\n".join(lines))
+    reading = kept_reading(path)
+    path.write_text("\n".join(lines) + reading)
+
+
+def kept_reading(path: Path) -> str:
+    """The hand-written ``## Reading`` section at the end of an existing report, so that regenerating keeps it."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return ""
+    at = text.find(READING_HEADING)
+    return text[at:].rstrip() + "\n" if at >= 0 else ""
 
 
 def fmt_delta(s: dict[str, float]) -> str:
@@ -386,7 +396,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retry-failed", action="store_true", help="run again the runs that stopped early before")
     p.add_argument("--quiet", action="store_true", help="silence the per-run driver output")
     p.add_argument("--name", default="experiment", help="report file names: <out>/<name>.md and <out>/<name>.png")
-    p.add_argument("--notes", help="a Markdown file with the reading of the results, added to the report")
     p.add_argument("overrides", nargs="*", help="dotted config overrides applied to every arm, e.g. solver.beta=0.1")
     args = p.parse_args(argv)
     args.arm_list = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -399,18 +408,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def reproducing_args(argv: list[str]) -> list[str]:
-    """The arguments that reproduce the runs: --report-only and --notes only change how a report is written."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--report-only", "--retry-failed") or arg.startswith("--notes="):
-            continue
-        elif arg == "--notes":
-            skip = True
-        else:
-            kept.append(arg)
-    return kept
+    """The arguments that reproduce the runs: --report-only and --retry-failed only change what runs this time."""
+    return [arg for arg in argv if arg not in ("--report-only", "--retry-failed")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,13 +46,16 @@ def test_experiment_reports_arms_plots_and_skips_finished_runs(tmp_path, tiny_ca
     assert log.count("experiment: skip") == 2 and "experiment: run " not in log
     assert len([p for p in runs.glob("*/*") if p.is_dir()]) == 2
 
-    # A report under another name, with a hand-written reading; the recorded command is still the one that runs.
-    notes = tmp_path / "reading.md"
-    notes.write_text("The gap is noise.")
-    assert experiment.main([*argv, "--report-only", "--notes", str(notes), "--name", "probe"]) == 0
-    md = (out / "probe.md").read_text()
-    assert "## Reading\n\nThe gap is noise." in md and "](probe.png)" in md and (out / "probe.png").is_file()
-    assert "--report-only" not in md and "--notes" not in md and "--name probe" in md
+    # A report under another name; the recorded command is still the one that runs. A reading written by hand at
+    # the end of the report survives regenerating it.
+    assert experiment.main([*argv, "--report-only", "--name", "probe"]) == 0
+    report = out / "probe.md"
+    report.write_text(report.read_text() + "\n## Reading\n\nThe gap is noise.\n")
+    assert experiment.main([*argv, "--report-only", "--name", "probe"]) == 0
+    md = report.read_text()
+    assert md.count("## Reading") == 1 and md.endswith("## Reading\n\nThe gap is noise.\n")
+    assert "](probe.png)" in md and (out / "probe.png").is_file()
+    assert "--report-only" not in md and "--name probe" in md
 
 
 def test_a_run_that_stops_early_is_reported_and_not_rerun(tmp_path, monkeypatch, capsys):
