@@ -80,9 +80,16 @@ def load_index(runs_dir: Path) -> dict[str, dict]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def save_index(runs_dir: Path, index: dict[str, dict]) -> None:
-    # Written after every run, atomically, so an interrupted experiment loses at most the run in progress.
-    tmp = runs_dir / (INDEX + ".tmp")
+def save_run(runs_dir: Path, key: str, rec: dict) -> None:
+    """Add one run to the index on disk, atomically, right after it ends.
+
+    The index is re-read first, so two experiments sharing a runs directory (say, two learning rates run one after
+    the other, or a hand-made correction while one runs) never overwrite each other's records; an interrupted
+    experiment loses at most the run in progress.
+    """
+    index = load_index(runs_dir)
+    index[key] = rec
+    tmp = runs_dir / f"{INDEX}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
     os.replace(tmp, runs_dir / INDEX)
 
@@ -155,13 +162,11 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
                     print(f"experiment: {key} did not finish (see {rec['run_dir']}/summary.json)", flush=True)
                     rec = stopped_early(runs_dir, arm, seed, args.steps, "did not finish")
             if rec.get("error"):
-                index[key] = rec
-                save_index(runs_dir, index)
+                save_run(runs_dir, key, rec)
                 failed.append(rec)
                 continue
             print(f"experiment: {key} done in {rec['wall_s']:.0f} s", flush=True)
-            index[key] = rec
-            save_index(runs_dir, index)
+            save_run(runs_dir, key, rec)
             records.append(rec)
     return records, failed
 
