@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import shlex
 import statistics
@@ -336,7 +337,7 @@ def fmt_delta(s: dict[str, float]) -> str:
     return signed(s["mean"]) if s["n"] == 1 else f"{signed(s['mean'])} ± {s['std']:.3f}"
 
 
-def write_plot(path: Path, by_arm: dict[str, list[dict]], arm_order: list[str]) -> None:
+def write_plot(path: Path, by_arm: dict[str, list[dict]], arm_order: list[str], stopped: list[dict] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -366,13 +367,24 @@ def write_plot(path: Path, by_arm: dict[str, list[dict]], arm_order: list[str]) 
     ax_bar.legend(fontsize=8)
     ax_bar.set_title("final accuracy per arm (dots: seeds)")
     # Right: overall held-out accuracy over steps, mean over seeds with the min-max band.
-    for i, arm in enumerate(arms):
+    for arm in arms:
         curves = [dict(s["curve"]) for s in by_arm[arm]]
         steps = sorted(set.intersection(*(set(c) for c in curves)))
         vals = np.array([[c[t] for t in steps] for c in curves])
-        ax_curve.plot(steps, vals.mean(0), marker="o", markersize=3, color=f"C{i}", label=arm)
+        ax_curve.plot(steps, vals.mean(0), marker="o", markersize=3, color=f"C{arm_order.index(arm)}", label=arm)
         if len(curves) > 1:
-            ax_curve.fill_between(steps, vals.min(0), vals.max(0), color=f"C{i}", alpha=0.15)
+            ax_curve.fill_between(steps, vals.min(0), vals.max(0), color=f"C{arm_order.index(arm)}", alpha=0.15)
+    # Arms whose runs stopped early: their curves up to the last evaluation every seed reached, dashed, so that what
+    # they learned before starving is visible next to the arms that went the distance.
+    for arm in [a for a in arm_order if a not in by_arm]:
+        curves = [dict(curve(rec["run_dir"], math.nan)) for rec in stopped if rec["arm"] == arm and rec.get("run_dir")]
+        curves = [{t: v for t, v in c.items() if t > 0} for c in curves]
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if steps:
+            start = next(iter(by_arm.values()))[0]["start"]["accuracy"] if by_arm else math.nan
+            vals = np.array([[c[t] for t in steps] for c in curves]).mean(0)
+            ax_curve.plot([0, *steps], [start, *vals], linestyle="--", marker="x", markersize=3,
+                          color=f"C{arm_order.index(arm)}", label=f"{arm} (stopped early)")
     ax_curve.set_xlabel("learner step")
     ax_curve.set_ylabel("held-out accuracy (overall)")
     ax_curve.set_title("learning curves (mean over seeds, band: min–max)")
@@ -429,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_markdown(out / f"{args.name}.md", by_arm, args, command, failed)
-    write_plot(out / f"{args.name}.png", by_arm, args.arm_list)
+    write_plot(out / f"{args.name}.png", by_arm, args.arm_list, failed)
     print((out / f"{args.name}.md").read_text(), flush=True)
     return 1 if failed else 0
 
