@@ -24,14 +24,12 @@ trains the stop decision) and has ``finish_reason="stop"``; one cut by ``max_new
 
 from __future__ import annotations
 
-import dataclasses
-
 import os
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -364,7 +362,7 @@ class RolloutWorker:
         seed = call_seed(self.seed, self.worker_index, self._calls)
         self._calls += 1
         start = time.perf_counter()
-        sampling = dataclasses.replace(self.sampling, temperature=0.0) if greedy else self.sampling
+        sampling = replace(self.sampling, temperature=0.0) if greedy else self.sampling
         samples = self._engine.generate(prompt_ids, n, sampling, seed)
         elapsed = time.perf_counter() - start
         groups = [[self._rollout(prompt, ids, s) for s in group]

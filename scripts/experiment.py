@@ -175,31 +175,28 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
 # --------------------------------------------------------------------------------------------------------- reporting
 
 
-def curve(run_dir: str | Path, start: float) -> list[tuple[int, float]]:
-    """Held-out accuracy over steps from the run's metrics.jsonl, with the start accuracy at step 0."""
-    points = {0: start}  # the log may hold its own step-0 evaluation; by step, so it is counted once
+def metric_rows(run_dir: str | Path) -> list[dict]:
+    """The scalar rows of a run's metrics.jsonl (the evolved-prompt tables, large and not needed here, skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        if not line.strip() or "creator/evolved_prompts" in line:
-            continue
-        row = json.loads(line)
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line) for line in lines if line.strip() and "creator/evolved_prompts" not in line]
+
+
+def curve(rows: list[dict], start: float) -> list[tuple[int, float]]:
+    """Held-out accuracy over steps, with the start accuracy at step 0."""
+    points = {0: start}  # the log may hold its own step-0 evaluation; by step, so it is counted once
+    for row in rows:
         if row.get("eval/accuracy") is not None:
             points[int(row["train/global_step"])] = float(row["eval/accuracy"])
     return sorted(points.items())
 
 
-def informative_share(run_dir: str | Path) -> float | None:
+def informative_share(rows: list[dict]) -> float | None:
     """Mean share of trained prompts whose responses had a reward spread: how much of each batch could teach.
 
     This is what the creator is for; a prompt without spread (all solved or all failed) gives RLOO no signal.
     """
-    path = Path(run_dir) / "metrics.jsonl"
-    values = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        if "train/spread_fraction" in line and "creator/evolved_prompts" not in line:
-            value = json.loads(line).get("train/spread_fraction")
-            if value is not None:
-                values.append(float(value))
+    values = [float(row["train/spread_fraction"]) for row in rows if row.get("train/spread_fraction") is not None]
     return statistics.fmean(values) if values else None
 
 
@@ -211,9 +208,10 @@ def collect(records: list[dict]) -> dict[str, list[dict]]:
         if summary is None:
             continue
         start, final = summary["eval_start"], summary["eval"]
+        rows = metric_rows(rec["run_dir"])  # read once for both the curve and the spread share
         by_arm.setdefault(rec["arm"], []).append({
             "seed": rec["seed"], "wall_s": rec.get("wall_s"), "start": start, "final": final,
-            "curve": curve(rec["run_dir"], start["accuracy"]), "informative": informative_share(rec["run_dir"])})
+            "curve": curve(rows, start["accuracy"]), "informative": informative_share(rows)})
     return by_arm
 
 
@@ -377,7 +375,8 @@ def write_plot(path: Path, by_arm: dict[str, list[dict]], arm_order: list[str], 
     # Arms whose runs stopped early: their curves up to the last evaluation every seed reached, dashed, so that what
     # they learned before starving is visible next to the arms that went the distance.
     for arm in [a for a in arm_order if a not in by_arm]:
-        curves = [dict(curve(rec["run_dir"], math.nan)) for rec in stopped if rec["arm"] == arm and rec.get("run_dir")]
+        curves = [dict(curve(metric_rows(rec["run_dir"]), math.nan)) for rec in stopped
+                  if rec["arm"] == arm and rec.get("run_dir")]
         curves = [{t: v for t, v in c.items() if t > 0} for c in curves]
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if steps:

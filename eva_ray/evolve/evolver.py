@@ -147,9 +147,11 @@ class Evolver:
             self._sem, self._sem_loop = asyncio.Semaphore(self.max_concurrency), loop
         return self._sem
 
-    async def _call(self, job: _Job, counts: EvolveCounts) -> str | None:
+    def _messages(self, job: _Job) -> list[dict[str, str]]:
+        return build_messages(job.parent.prompt_text, job.operator, self.style, system=self.system_message)
+
+    async def _call(self, messages: list[dict[str, str]], counts: EvolveCounts) -> str | None:
         """One LLM call; ``None`` (counted as failed by exception type) when it raises or times out."""
-        messages = build_messages(job.parent.prompt_text, job.operator, self.style, system=self.system_message)
         async with self._semaphore():
             t0 = time.perf_counter()
             try:
@@ -166,24 +168,22 @@ class Evolver:
                 counts.latencies_s.append(time.perf_counter() - t0)
         return raw
 
-    def _instructions(self, job: _Job) -> str:
-        """The wording of the request for ``job`` without the parent, for the validator's echo check."""
-        messages = build_messages(job.parent.prompt_text, job.operator, self.style, system=self.system_message)
-        return "\n".join(m["content"] for m in messages).replace(job.parent.prompt_text, "\n")
-
     async def _attempt(self, jobs: Sequence[_Job], step: int, counts: EvolveCounts) -> list[PromptRecord | None]:
         """Run ``jobs`` concurrently, then parse, validate and register their answers in job order.
 
         Returns one entry per job: the child, or ``None`` when the call failed or the answer was rejected.
         """
         counts.requested += len(jobs)
-        raws = await asyncio.gather(*(self._call(job, counts) for job in jobs))
+        requests = [self._messages(job) for job in jobs]
+        raws = await asyncio.gather(*(self._call(messages, counts) for messages in requests))
         out: list[PromptRecord | None] = []
-        for job, raw in zip(jobs, raws):
+        for job, messages, raw in zip(jobs, requests, raws):
             if raw is None:
                 out.append(None)
                 continue
-            clean, reason = self.validator.check(raw, job.parent.prompt_text, self._instructions(job))
+            # The request's own wording, without the parent, for the validator's echo check.
+            instructions = "\n".join(m["content"] for m in messages).replace(job.parent.prompt_text, "\n")
+            clean, reason = self.validator.check(raw, job.parent.prompt_text, instructions)
             if clean is None:
                 counts.rejected[reason or "unknown"] += 1
                 out.append(None)
