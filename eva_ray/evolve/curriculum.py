@@ -37,7 +37,13 @@ from typing import Any
 import numpy as np
 
 from eva_ray.evolve.evolver import EvolveBatch, EvolveCounts
-from eva_ray.evolve.validate import DUPLICATE_IN_BUFFER, EMPTY, NEAR_DUPLICATE_PARENT, EvolveValidator
+from eva_ray.evolve.validate import (
+    DUPLICATE_IN_BUFFER,
+    EMPTY,
+    NEAR_DUPLICATE_BUFFER,
+    NEAR_DUPLICATE_PARENT,
+    EvolveValidator,
+)
 from eva_ray.records import PromptRecord, make_child
 
 OPERATORS: tuple[str, ...] = ("harder", "sibling", "easier", "more_terms")
@@ -54,7 +60,7 @@ AT_MIN_DIFFICULTY = "at_min_difficulty"
 AT_MAX_TERMS = "at_max_terms"
 NOT_A_TASK = "not_a_task"
 CURRICULUM_REJECTION_REASONS: tuple[str, ...] = (AT_MAX_DIFFICULTY, AT_MIN_DIFFICULTY, AT_MAX_TERMS, NOT_A_TASK)
-_RETRYABLE = (DUPLICATE_IN_BUFFER, NEAR_DUPLICATE_PARENT, "near_duplicate_buffer")
+_RETRYABLE = (DUPLICATE_IN_BUFFER, NEAR_DUPLICATE_PARENT, NEAR_DUPLICATE_BUFFER)
 
 
 def _exact_key(text: str) -> str:
@@ -88,7 +94,8 @@ class ExactTextValidator(EvolveValidator):
     def unregister(self, text: str) -> None:
         self._texts.discard(_exact_key(text))
 
-    def reason(self, text: str, parent_text: str) -> str | None:
+    def reason(self, text: str, parent_text: str, instructions: str | None = None) -> str | None:
+        # ``instructions`` (the LLM request's wording) has no meaning for a generated task; kept for the interface.
         key = _exact_key(text)
         if not key:
             return EMPTY

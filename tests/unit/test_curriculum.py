@@ -109,6 +109,9 @@ def test_exact_validator_keeps_operators_apart():
     assert v.reason("57 - 87 =", "1+1=") == DUPLICATE_IN_BUFFER
     assert v.reason("1+1=", "1+1=") == "near_duplicate_parent"
     assert EvolveValidator().reason("57+87=", "57-87=") == "near_duplicate_parent"  # why worlds need the exact one
+    # The inherited check() passes the request's wording along; the exact validator accepts and ignores it.
+    assert v.check("57 - 87 =", "1+1=", "Make a harder task.") == (None, DUPLICATE_IN_BUFFER)
+    assert v.check("12+5=", "1+1=") == ("12+5=", None)
 
 
 def test_counts_always_sum_and_the_evolver_is_deterministic():
