@@ -64,8 +64,8 @@ class _TappedValidator:
     def __init__(self, inner: EvolveValidator, operator: str, log: list[Attempt]) -> None:
         self._inner, self._operator, self._log = inner, operator, log
 
-    def check(self, text: str, parent_text: str) -> tuple[str | None, str | None]:
-        clean, reason = self._inner.check(text, parent_text)
+    def check(self, text: str, parent_text: str, instructions: str | None = None) -> tuple[str | None, str | None]:
+        clean, reason = self._inner.check(text, parent_text, instructions)
         self._log.append(Attempt(self._operator, parent_text, text, clean, reason))
         return clean, reason
 
