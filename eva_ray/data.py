@@ -1,4 +1,4 @@
-"""Seed prompt sets: read D from JSONL, Parquet or a saved `datasets` folder into prompt records.
+"""Seed prompt sets: read D from JSON Lines (or a JSON array), Parquet or a saved `datasets` folder into records.
 
 Real prompt dumps are messy. Every row is checked, and a bad one (missing field, empty, not a string, malformed chat
 messages, over the length limit, a duplicate) is skipped and counted by reason instead of crashing the run. The
@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +72,7 @@ def _detect_format(path: Path) -> str:
     if path.is_dir():
         return "datasets"
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    if suffix in (".jsonl", ".json", ".jsonl.gz"):
+    if suffix in (".jsonl", ".json", ".jsonl.gz", ".json.gz"):
         return "jsonl"
     if suffix in (".parquet", ".pq"):
         return "parquet"
@@ -80,16 +81,52 @@ def _detect_format(path: Path) -> str:
 
 
 def _iter_jsonl(path: Path, report: LoadReport) -> Iterator[tuple[int, Any]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
-        for row, line in enumerate(fh):
-            if not line.strip():
-                continue
-            try:
-                yield row, json.loads(line)
-            except json.JSONDecodeError:
-                report.rows_read += 1
-                report.reject(BAD_JSON, row)
+    """Rows of a JSON Lines file (plain or gzip); a file whose first character is ``[`` is one JSON array of rows.
+
+    A compressed file that is corrupt or cut short ends in one :class:`DataError` naming the file and the last
+    row read, not a ``gzip`` traceback from the middle of the load.
+    """
+    compressed = path.suffix == ".gz"
+    opener = gzip.open if compressed else open
+    row = -1
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+            first = _first_char(fh)
+            fh.seek(0)
+            if first == "[":
+                yield from enumerate(_json_array(path, fh.read()))
+                return
+            for row, line in enumerate(fh):
+                if not line.strip():
+                    continue
+                try:
+                    yield row, json.loads(line)
+                except json.JSONDecodeError:
+                    report.rows_read += 1
+                    report.reject(BAD_JSON, row)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        where = "before its first row" if row < 0 else f"after row {row}"
+        raise DataError(f"{path}: corrupt or truncated gzip file ({where}): {exc}") from None
+
+
+def _first_char(fh: Any) -> str:
+    """The first non-whitespace character of a text stream ('' for an empty one), read in small chunks."""
+    while chunk := fh.read(256):
+        stripped = chunk.lstrip()
+        if stripped:
+            return stripped[0]
+    return ""
+
+
+def _json_array(path: Path, text: str) -> list[Any]:
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: starts like a JSON array of rows but is not valid JSON (line {exc.lineno}, "
+                        f"column {exc.colno}: {exc.msg})") from None
+    if not isinstance(rows, list):  # pragma: no cover - a text starting with '[' that parses is a list
+        raise DataError(f"{path}: expected a JSON array of rows")
+    return rows
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:

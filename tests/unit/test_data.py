@@ -139,3 +139,43 @@ def test_the_smoke_configs_mt_bench_seed_set_is_the_80_first_turns():
     assert records[0].id == "seed-81" and records[0].text.startswith("Compose an engaging travel blog post")
     # First turns only: the second turns refer back to an answer ("Rewrite your previous response ...").
     assert not any("previous response" in r.text for r in records)
+
+
+def test_gzip_jsonl_is_read_and_a_corrupt_or_truncated_one_is_one_clear_error(tmp_path):
+    import gzip
+
+    rows = [{"prompt": f"Question number {i} about the sea and its tides, told at some length."} for i in range(400)]
+    good = tmp_path / "seed.jsonl.gz"
+    with gzip.open(good, "wt") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    records, _ = load_seed_prompts(good)
+    assert len(records) == 400
+    data = good.read_bytes()
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])  # a copy that stopped half-way
+    with pytest.raises(DataError, match=r"cut.jsonl.gz: corrupt or truncated gzip file \(after row \d+\)") as err:
+        load_seed_prompts(tmp_path / "cut.jsonl.gz")
+    assert "\n" not in str(err.value)
+    (tmp_path / "plain.jsonl.gz").write_text('{"prompt": "not compressed at all"}\n')  # named .gz, never gzipped
+    with pytest.raises(DataError, match=r"plain.jsonl.gz: corrupt or truncated gzip file \(before its first row\)"):
+        load_seed_prompts(tmp_path / "plain.jsonl.gz")
+
+
+def test_a_json_array_file_is_read_as_rows_not_as_lines(tmp_path):
+    path = tmp_path / "seed.json"
+    path.write_text(json.dumps(GOOD + BAD, indent=2))  # pretty-printed: rows span many lines
+    records, report = load_seed_prompts(path, max_prompt_chars=100)
+    assert [r.prompt_text for r in records] == ["Explain photosynthesis.", "What is 2+2?", "Write a haiku about rain."]
+    assert report.rows_read == len(GOOD) + len(BAD) and "bad_json" not in report.rejected
+    assert report.examples["missing_field"] == [3, 9]  # row numbers are array positions
+    import gzip
+
+    with gzip.open(tmp_path / "seed.json.gz", "wt") as fh:
+        fh.write("\n  " + json.dumps(GOOD))
+    assert len(load_seed_prompts(tmp_path / "seed.json.gz")[0]) == 3
+    (tmp_path / "broken.json").write_text('[{"prompt": "a"},\n {"prompt": ')
+    with pytest.raises(DataError, match=r"broken.json: starts like a JSON array .* \(line 2, column"):
+        load_seed_prompts(tmp_path / "broken.json")
+    # JSON Lines in a .json file still reads as lines.
+    write_jsonl(tmp_path / "lines.json", GOOD)
+    assert len(load_seed_prompts(tmp_path / "lines.json")[0]) == 3
