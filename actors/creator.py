@@ -11,12 +11,20 @@ Every public method is a coroutine, so under Ray this is an async actor whose ev
 and inline (tests, one machine) the driver runs it on an event loop of its own.
 
 The evolve LLM is reached through ``litellm.acompletion``; with ``evolve.local_model_path`` set, an in-process
-LiteLLM provider serves a local Hugging Face model instead of a remote API (no network needed).
+LiteLLM provider serves a local Hugging Face model instead of a remote API (no network needed). A model LiteLLM
+cannot route in this process is an :class:`EvolveLLMError` at start-up; retries, timeouts and failure causes are the
+evolver's (:mod:`eva_ray.evolve.evolver`).
+
+Nothing is lost: every prompt the creator handles is appended to ``lineage.jsonl`` in the run directory as it
+happens (:mod:`eva_ray.lineage`), and :meth:`Creator.state_dict` / :meth:`Creator.load_state_dict` carry the whole
+state (D's order and cursor, the buffer, the counters, every generator, the evolve requests still in flight) into a
+resumed run that then draws exactly the batches the original would have.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections import Counter, deque
@@ -26,27 +34,64 @@ from typing import Any
 
 import numpy as np
 
-from eva_ray.buffer import GenerativeBuffer
+from eva_ray.buffer import GenerativeBuffer, _atomic_write_text
 from eva_ray.config import Config, EvolveConfig
 from eva_ray.evolve.curriculum import CurriculumEvolver, ExactTextValidator
-from eva_ray.evolve.evolver import Complete, EvolveBatch, EvolveCounts, Evolver
+from eva_ray.evolve.evolver import CONFIG_CAUSES, Complete, EvolveBatch, EvolveCounts, EvolveJob, Evolver
 from eva_ray.evolve.judge import llm_judge_scorer
 from eva_ray.evolve.validate import EvolveValidator
 from eva_ray.informativeness import score_prompts
+from eva_ray.lineage import LINEAGE_FILE, LineageLog
 from eva_ray.metrics import histogram
 from eva_ray.records import PromptRecord
 from eva_ray.sampling import select_indices
 from eva_ray.schedule import PHASES, BatchPlan, PhaseSettings, RunState, plan_batch
 
-# Errors worth retrying: the provider is overloaded, slow or briefly unreachable. Anything else (bad key, bad
-# request, unknown model) fails the same way on every retry, so it is counted at once.
-_RETRYABLE = ("RateLimitError", "Timeout", "APIConnectionError", "ServiceUnavailableError", "InternalServerError",
-              "TimeoutError")
 _TABLE_ROWS = 64  # evolved prompts kept for the wandb table
+STATE_FORMAT = "eva-ray/creator-state"
+STATE_VERSION = 1
+IN_FLIGHT_MODES = ("reissue", "lost")
 
 
 class CreatorStarved(RuntimeError):
     """D is used up and the buffer cannot supply a single prompt: evolving has stopped producing children."""
+
+
+class EvolveLLMError(RuntimeError):
+    """The evolve LLM cannot be used as configured (unknown provider or model, refused key or request)."""
+
+
+@dataclass
+class InFlight:
+    """Evolve work started by a report and not finished: enough to issue it again after a restart.
+
+    ``jobs`` are the requests with their operators already drawn (the plain LLM evolver plans before it calls, so
+    issuing them again repeats exactly what was asked); ``None`` when the work draws as it runs (curriculum, whose
+    work has not started while it is in flight, and tree best-of-N, which draws per level).
+    """
+
+    step: int
+    parents: list[PromptRecord]
+    n_children: int
+    jobs: list[EvolveJob] | None = None
+
+    @property
+    def n_requests(self) -> int:
+        return len(self.jobs) if self.jobs is not None else len(self.parents) * self.n_children
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "parents": [p.to_dict() for p in self.parents], "n_children": self.n_children,
+                "jobs": None if self.jobs is None else
+                [{"parent_id": j.parent.id, "operator": j.operator, "index": j.index} for j in self.jobs]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], known: dict[str, PromptRecord]) -> InFlight:
+        """``known``: records to use for parents with these ids (the seeds), so they stay one object."""
+        parents = [known.get(row["id"]) or PromptRecord.from_dict(row) for row in data["parents"]]
+        by_id = {p.id: p for p in parents}
+        jobs = None if data["jobs"] is None else \
+            [EvolveJob(by_id[j["parent_id"]], j["operator"], j["index"]) for j in data["jobs"]]
+        return cls(step=data["step"], parents=parents, n_children=data["n_children"], jobs=jobs)
 
 
 @dataclass
@@ -61,11 +106,35 @@ class Batch:
     waited_s: float = 0.0
 
 
-def litellm_complete(cfg: EvolveConfig, counters: Counter) -> Complete:
-    """Bind LiteLLM to the evolver's ``complete(messages) -> str``, with retries and exponential backoff.
+def check_litellm_model(cfg: EvolveConfig) -> None:
+    """One clear error, at start-up, when LiteLLM cannot route ``evolve.model`` in this process.
 
-    The API key is read from the environment variable the config names, so it never sits in a config file, a log
-    or a checkpoint.
+    Otherwise every evolve call of the run fails with the same ``BadRequestError`` while the run goes on having
+    evolved nothing. A custom provider (``evolve.local_model_path``) must be registered before this check.
+    """
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    quiet, litellm.suppress_debug_info = litellm.suppress_debug_info, True  # no "Provider List" banner
+    try:
+        litellm.get_llm_provider(model=cfg.model, api_base=cfg.api_base)
+    except Exception as exc:  # noqa: BLE001 - LiteLLM raises BadRequestError (and others) for an unroutable model
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise EvolveLLMError(
+            f"evolve.model {cfg.model!r}: LiteLLM cannot route it in the creator's process "
+            f"({lines[0] if lines else type(exc).__name__}); name a provider LiteLLM knows (openai/..., "
+            "gemini/..., ...) or set evolve.local_model_path to serve a local model as <provider>/<name>") from None
+    finally:
+        litellm.suppress_debug_info = quiet
+
+
+def litellm_complete(cfg: EvolveConfig, counters: Counter) -> Complete:
+    """Bind LiteLLM to the evolver's ``complete(messages) -> str``: one attempt, bounded by ``evolve.timeout_s``.
+
+    The evolver retries and counts (by cause); LiteLLM's own ``num_retries`` is not used: in LiteLLM 1.110 it
+    retries every ``APIError`` alike (bad requests included), reports the first error rather than the last and
+    counts nothing. The API key is read from the environment variable the config names, so it never sits in a
+    config file, a log or a checkpoint.
     """
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch of the price table
     import litellm
@@ -77,22 +146,12 @@ def litellm_complete(cfg: EvolveConfig, counters: Counter) -> Complete:
             raise RuntimeError(f"evolve.api_key_env names {cfg.api_key_env!r}, which is not set in the environment")
 
     async def complete(messages: list[dict[str, str]]) -> str:
-        delay = cfg.retry_backoff_s
-        for attempt in range(cfg.max_retries + 1):
-            try:
-                response = await litellm.acompletion(
-                    model=cfg.model, messages=messages, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                    timeout=cfg.timeout_s, api_base=cfg.api_base, api_key=api_key,
-                )
-                counters["calls"] += 1
-                return response.choices[0].message.content or ""
-            except Exception as exc:
-                if attempt == cfg.max_retries or type(exc).__name__ not in _RETRYABLE:
-                    raise
-                counters["retries"] += 1
-                await asyncio.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
+        response = await litellm.acompletion(
+            model=cfg.model, messages=messages, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+            timeout=cfg.timeout_s, api_base=cfg.api_base, api_key=api_key, num_retries=0,
+        )
+        counters["calls"] += 1
+        return response.choices[0].message.content or ""
 
     return complete
 
@@ -126,6 +185,7 @@ class Creator:
         for record in self.seeds:  # an evolved prompt that repeats a seed prompt adds nothing
             self.validator.register(record.prompt_text)
         self.llm_counters: Counter = Counter()
+        self.lineage = LineageLog(self.run_dir / LINEAGE_FILE) if self.run_dir else None
         self.local_provider = None
         self.scorer = None
         if ev.method == "none":
@@ -147,14 +207,20 @@ class Creator:
                     self._provider_baseline = self.local_provider.stats()
                 if not ev.model:
                     raise ValueError("evolve.model is empty: name the LiteLLM model that evolves prompts")
+                check_litellm_model(ev)
                 complete = litellm_complete(ev, self.llm_counters)
             self.evolver = Evolver(complete, style=ev.style, operators=ev.operators, validator=self.validator,
                                    rng_seed=cfg.run.seed + 1, max_concurrency=ev.concurrency,
-                                   timeout_s=ev.timeout_s, system_message=ev.system_message)
+                                   timeout_s=ev.timeout_s, deadline_s=ev.deadline_s, max_retries=ev.max_retries,
+                                   retry_backoff_s=ev.retry_backoff_s, system_message=ev.system_message)
             self.scorer = llm_judge_scorer(complete) if ev.tree_bon_width > 0 else None
 
         self._pending: dict[int, Batch] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._in_flight: dict[int, InFlight] = {}
+        self._next_flight = 0
+        self.lost_requests = 0  # in flight at a checkpoint, not issued again on resume
+        self.fatal: EvolveLLMError | None = None
         self.counts = EvolveCounts()
         self.add_counts: Counter = Counter()  # added / duplicate / evicted / popped in the buffer
         self.evolved_rows: deque = deque(maxlen=_TABLE_ROWS)
@@ -189,6 +255,8 @@ class Creator:
 
     async def next_batch(self, step: int) -> Batch:
         """The minibatch for ``step`` as the schedule plans it."""
+        if self.fatal is not None:
+            raise self.fatal
         plan = plan_batch(self._state(step), self.settings)
         waited = 0.0
         if plan.short and plan.phase == "bootstrap":
@@ -231,10 +299,16 @@ class Creator:
         picked = select_indices(np.nan_to_num(info.scores, nan=0.0), k, mode=self.creator_cfg.parent_selection,
                                 rng=self.rng)
         parents = [batch.prompts[i] for i in picked]
+        if self.lineage is not None:
+            self.lineage.write([
+                {"event": "trained", "step": step, "id": r.id, "source": r.source, "parent_id": r.parent_id,
+                 "generation": r.generation, "operator": r.operator, "info": float(score), "from_buffer": b}
+                for r, score, b in zip(batch.prompts, info.scores, batch.from_buffer)])
         if self.evolver is not None:
-            task = asyncio.create_task(self._evolve(parents, batch.plan.n_children, step))
-            self._tasks.add(task)
-            task.add_done_callback(self._task_done)
+            # The plain LLM evolver draws its operators now, so what is in flight is known exactly.
+            plans = isinstance(self.evolver, Evolver) and self.scorer is None
+            jobs = self.evolver.plan(parents, batch.plan.n_children) if plans else None
+            self._start(InFlight(step, parents, batch.plan.n_children, jobs))
 
         finite = info.scores[np.isfinite(info.scores)]
         self.last_batch_info = {
@@ -249,24 +323,45 @@ class Creator:
         }
         return {"scores": [float(s) for s in info.scores], "parents": [p.id for p in parents]}
 
-    async def _evolve(self, parents: list[PromptRecord], n_children: int, step: int) -> None:
+    def _start(self, flight: InFlight) -> None:
+        key, self._next_flight = self._next_flight, self._next_flight + 1
+        self._in_flight[key] = flight
+        task = asyncio.create_task(self._evolve(flight, key))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    async def _evolve(self, flight: InFlight, key: int) -> None:
+        try:
+            result = await self._run_flight(flight)
+        finally:
+            self._in_flight.pop(key, None)
+        self._land(result, flight.step)
+
+    async def _run_flight(self, flight: InFlight) -> EvolveBatch:
+        step = flight.step
+        if flight.jobs is not None:
+            return await self.evolver.run_plan(flight.jobs, step=step)
         if self.scorer is None:
-            result = await self.evolver.evolve(parents, n_children, step=step)
-        else:
-            chains = await asyncio.gather(*(self.evolver.evolve_tree_bon(
-                p, width=self.cfg.evolve.tree_bon_width, depth=self.cfg.evolve.tree_bon_depth, scorer=self.scorer,
-                step=step) for p in parents))
-            counts = EvolveCounts()
-            for chain in chains:
-                counts.add(chain.counts)
-            result = EvolveBatch(children=[c for chain in chains for c in chain.children], counts=counts)
+            return await self.evolver.evolve(flight.parents, flight.n_children, step=step)
+        chains = await asyncio.gather(*(self.evolver.evolve_tree_bon(
+            p, width=self.cfg.evolve.tree_bon_width, depth=self.cfg.evolve.tree_bon_depth, scorer=self.scorer,
+            step=step) for p in flight.parents))
+        counts = EvolveCounts()
+        for chain in chains:
+            counts.add(chain.counts)
+        return EvolveBatch(children=[c for chain in chains for c in chain.children], counts=counts,
+                           outcomes=[o for chain in chains for o in chain.outcomes])
+
+    def _land(self, result: EvolveBatch, step: int) -> None:
+        """Count an evolve batch, put its children into the buffer and log where every request went."""
         self.counts.add(result.counts)
+        self._check_usable(result)
         children = result.children
         # Make room first, oldest out (the paper's "pop the oldest to keep size B"), so the evicted records' texts
         # can be released from the duplicate index.
         overflow = min(len(self.buffer), len(self.buffer) + len(children) - self.buffer.capacity)
-        if overflow > 0:
-            self._forget(self.buffer.evict_oldest(overflow), "evicted")
+        evicted = self.buffer.evict_oldest(overflow) if overflow > 0 else []
+        self._forget(evicted, "evicted")
         added = self.buffer.add(children, step)
         by_id = {c.id: c for c in children}
         self.add_counts["added"] += len(added.added)
@@ -277,6 +372,25 @@ class Creator:
             child = by_id[child_id]
             self.evolved_rows.append([step, child.id, child.parent_id, child.operator, child.generation,
                                       child.info, child.prompt_text])
+        if self.lineage is not None:
+            events = [{"event": o.pop("outcome")} | o for o in (dict(o) for o in result.outcomes)]
+            events += [{"event": "evicted", "step": step, "id": r.id} for r in evicted]
+            events += [{"event": "added", "step": step, "record": by_id[i].to_dict()} for i in added.added]
+            events += [{"event": "duplicate", "step": step, "id": i} for i in added.rejected]
+            events += [{"event": "evicted", "step": step, "id": i} for i in added.evicted]
+            self.lineage.write(events)
+
+    def _check_usable(self, result: EvolveBatch) -> None:
+        """Stop the run, with the first error, when no evolve call ever worked and all failed for a config cause."""
+        c = result.counts
+        if self.fatal is not None or c.requested == 0 or self.counts.ok or self.counts.n_rejected:
+            return
+        if c.n_failed == c.requested and set(c.failed) <= CONFIG_CAUSES:
+            first = next((o["error"] for o in result.outcomes if o.get("error")), "")
+            self.fatal = EvolveLLMError(
+                f"all {c.requested} evolve calls of the first batch failed ({dict(c.failed)}) and none has ever "
+                f"worked: evolve.model {self.cfg.evolve.model!r} is misconfigured; first error: "
+                f"{first.splitlines()[0] if first else '?'}")
 
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
@@ -314,7 +428,8 @@ class Creator:
             "latency_p50_s": float(np.percentile(lat, 50)) if lat.size else 0.0,
             "latency_p95_s": float(np.percentile(lat, 95)) if lat.size else 0.0,
             "in_flight": len(self._tasks), "llm_calls": self.llm_counters["calls"],
-            "llm_retries": self.llm_counters["retries"], "task_errors": dict(self.task_errors),
+            "llm_retries": self.counts.n_retried, "llm_retried": dict(self.counts.retried),
+            "evolve_lost": self.lost_requests, "task_errors": dict(self.task_errors),
             "buffer_added": self.add_counts["added"], "buffer_evicted": self.add_counts["evicted"],
             "buffer_popped": self.add_counts["popped"],
             "batch_info_mean": batch.get("info_mean", float("nan")),
@@ -338,6 +453,98 @@ class Creator:
         self.buffer.snapshot(path)
         return path
 
+    # ------------------------------------------------------------------------------------------------ state
+
+    async def state_dict(self) -> dict[str, Any]:
+        """The creator's whole state, JSON-serialisable: what :meth:`load_state_dict` needs to go on exactly.
+
+        Taken between steps (after ``report``, before the next ``next_batch``). Evolve work still in flight is
+        recorded with its parents (and its drawn operators), to be issued again or counted as lost on load.
+        """
+        if self._pending:
+            raise RuntimeError(f"the batches of steps {sorted(self._pending)} are out and not reported; save the "
+                               "creator between steps")
+        return {
+            "format": STATE_FORMAT, "version": STATE_VERSION,
+            "seeds": [r.to_dict() for r in self.seeds], "seed_used": self.seed_used, "warmed_up": self.warmed_up,
+            "buffer": {"capacity": self.buffer.capacity, "staleness_coef": self.buffer.staleness_coef,
+                       "records": [r.to_dict() for r in self.buffer.records()]},
+            "rng": self.rng.bit_generator.state,
+            "evolver_rng": None if self.evolver is None else self.evolver.rng.bit_generator.state,
+            "counts": self.counts.to_dict(), "add_counts": dict(self.add_counts),
+            "task_errors": dict(self.task_errors), "llm_counters": dict(self.llm_counters),
+            "validator": {"rejections": dict(self.validator.rejections), "accepted": self.validator.accepted},
+            "evolved_rows": [list(row) for row in self.evolved_rows], "last_batch_info": self.last_batch_info,
+            "lost_requests": self.lost_requests,
+            "in_flight": [flight.to_dict() for _, flight in sorted(self._in_flight.items())],
+            "lineage_offset": None if self.lineage is None else self.lineage.offset(),
+        }
+
+    async def load_state_dict(self, state: dict[str, Any], *, in_flight: str = "reissue") -> dict[str, int]:
+        """Continue from :meth:`state_dict` (into a creator just built with the same config and seed set).
+
+        ``in_flight``: ``reissue`` starts the recorded evolve work again (the plain LLM evolver repeats the same
+        requests, operators included), ``lost`` counts its requests in ``creator/evolve_lost`` and the lineage.
+        The lineage log is cut back to the checkpoint, so steps made again are not logged twice. Returns how many
+        requests were reissued and lost.
+        """
+        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not a creator state of version {STATE_VERSION} (format {state.get('format')!r}, "
+                             f"version {state.get('version')!r})")
+        if in_flight not in IN_FLIGHT_MODES:
+            raise ValueError(f"in_flight {in_flight!r} is not one of {IN_FLIGHT_MODES}")
+        if self._tasks or self._pending or self.seed_used:
+            raise RuntimeError("load_state_dict needs a fresh creator (no step taken, nothing in flight)")
+        seeds = [PromptRecord.from_dict(row) for row in state["seeds"]]
+        if sorted((r.id, r.prompt_text) for r in seeds) != sorted((r.id, r.prompt_text) for r in self.seeds):
+            raise ValueError("the saved seed set differs from this creator's D: resume with the run's own data")
+        if (state["evolver_rng"] is None) != (self.evolver is None):
+            raise ValueError("the saved creator and this one differ in evolve.method")
+        self.seeds, self.seed_used, self.warmed_up = seeds, state["seed_used"], state["warmed_up"]
+        b = state["buffer"]
+        self.buffer = GenerativeBuffer.from_records(b["capacity"], [PromptRecord.from_dict(r) for r in b["records"]],
+                                                    staleness_coef=b["staleness_coef"])
+        for record in self.buffer.records():  # seeds are registered already, by the constructor
+            self.validator.register(record.prompt_text)
+        self.validator.rejections = Counter(state["validator"]["rejections"])
+        self.validator.accepted = state["validator"]["accepted"]
+        self.rng.bit_generator.state = state["rng"]
+        if self.evolver is not None:
+            self.evolver.rng.bit_generator.state = state["evolver_rng"]
+        self.counts = EvolveCounts.from_dict(state["counts"])
+        self.add_counts, self.task_errors = Counter(state["add_counts"]), Counter(state["task_errors"])
+        self.llm_counters.update(state["llm_counters"])
+        self.evolved_rows.extend(tuple(row) for row in state["evolved_rows"])
+        self.last_batch_info = state["last_batch_info"]
+        self.lost_requests = state["lost_requests"]
+        events: list[dict[str, Any]] = [{"event": "resumed", "step": None, "in_flight": in_flight}]
+        seeds_by_id = {r.id: r for r in self.seeds}
+        done = Counter()
+        for row in state["in_flight"]:
+            flight = InFlight.from_dict(row, seeds_by_id)
+            if in_flight == "reissue":
+                self._start(flight)
+                done["reissued"] += flight.n_requests
+            else:
+                self.lost_requests += flight.n_requests
+                done["lost"] += flight.n_requests
+                events.append({"event": "lost", "step": flight.step, "requests": flight.n_requests,
+                               "parent_ids": [p.id for p in flight.parents]})
+        if self.lineage is not None:
+            if state["lineage_offset"] is not None:
+                self.lineage.truncate(state["lineage_offset"])
+            self.lineage.write(events)
+        return {"reissued": done["reissued"], "lost": done["lost"]}
+
+    async def save(self, path: str) -> str:
+        """Write :meth:`state_dict` to ``path`` as JSON, atomically (a crash mid-write keeps the previous file)."""
+        _atomic_write_text(Path(path), json.dumps(await self.state_dict()))
+        return path
+
+    async def load(self, path: str, *, in_flight: str = "reissue") -> dict[str, int]:
+        """:meth:`load_state_dict` from a file written by :meth:`save`."""
+        return await self.load_state_dict(json.loads(Path(path).read_text(encoding="utf-8")), in_flight=in_flight)
+
     async def buffer_records(self) -> list[dict[str, Any]]:
         return [r.to_dict() for r in self.buffer.records()]
 
@@ -355,6 +562,8 @@ class Creator:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.lineage is not None:
+            self.lineage.close()
         if self.local_provider is not None:
             # Stop the provider's generation thread before the process exits: a thread still inside generate at
             # interpreter exit aborts the process (exit 134) after the run itself succeeded.

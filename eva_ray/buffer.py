@@ -368,15 +368,28 @@ class GenerativeBuffer:
                 f"{path}: buffer snapshot version {payload.get('version')!r}; this build reads {SNAPSHOT_VERSION}"
             )
         try:
-            buf = cls(payload["capacity"], staleness_coef=payload["staleness_coef"])
-            records = [PromptRecord.from_dict(row) for row in payload["records"]]
-            if len(records) > buf.capacity:
-                raise ValueError(f"{len(records)} records for capacity {buf.capacity}")
-            if len({rec.id for rec in records}) != len(records):
-                raise ValueError("duplicate ids")
-            buf._append(records)
+            return cls.from_records(payload["capacity"], [PromptRecord.from_dict(row) for row in payload["records"]],
+                                    staleness_coef=payload["staleness_coef"])
         except (KeyError, TypeError, ValueError) as err:
             raise SnapshotError(f"{path}: corrupt buffer snapshot ({type(err).__name__}: {err})") from err
+
+    @classmethod
+    def from_records(cls, capacity: int, records: Sequence[PromptRecord], *,
+                     staleness_coef: float = 0.0) -> GenerativeBuffer:
+        """A buffer holding ``records`` (oldest first) as they are, scores and sampling steps included.
+
+        Sampling from it draws what sampling from the buffer they came from would (same order, same priorities).
+
+        Raises:
+            ValueError: more records than ``capacity``, or a repeated id.
+        """
+        buf = cls(capacity, staleness_coef=staleness_coef)
+        records = list(records)
+        if len(records) > buf.capacity:
+            raise ValueError(f"{len(records)} records for capacity {buf.capacity}")
+        if len({rec.id for rec in records}) != len(records):
+            raise ValueError("duplicate ids")
+        buf._append(records)
         return buf
 
     # ------------------------------------------------------------------ internals

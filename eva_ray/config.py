@@ -73,7 +73,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = knob("", "Seed prompt set D: a JSONL file, a Parquet file or a `datasets` folder; "
+    path: str = knob("", "Seed prompt set D: a JSONL or JSON-array file (either may be .gz), a Parquet file or a "
+                     "`datasets` folder; "
                      "`pkg:<module>/<path>` names a file inside an installed package.")
     format: str = knob("auto", "How to read `path`; auto picks by suffix / folder.",
                        choices=("auto", "jsonl", "parquet", "datasets"))
@@ -143,9 +144,13 @@ class EvolveConfig:
                                 "templates without a system role (Gemma).")
     temperature: float = knob(0.7, "Sampling temperature of the evolve LLM.", ge=0)
     max_tokens: int = knob(512, "Longest evolved prompt the LLM may write, in tokens.", ge=1)
-    timeout_s: float = knob(60.0, "Timeout of one evolve call.", gt=0)
-    max_retries: int = knob(3, "Retries of a failed evolve call, with exponential backoff.", ge=0)
-    retry_backoff_s: float = knob(1.0, "First backoff delay; doubles per retry.", ge=0)
+    timeout_s: float = knob(60.0, "Timeout of one attempt of an evolve call.", gt=0)
+    deadline_s: float | None = knob(None, "Deadline of one evolve call: all its attempts and the waits between "
+                                    "them; unset: none beyond max_retries + 1 attempts of timeout_s each.", gt=0)
+    max_retries: int = knob(3, "Attempts more for an evolve call that failed for a passing cause (rate limit, "
+                            "timeout, connection, server error); other causes are not retried.", ge=0)
+    retry_backoff_s: float = knob(1.0, "Wait before the first retry; doubles per retry, plus as much random "
+                                  "jitter, at most 30 s.", ge=0)
     concurrency: int = knob(16, "Evolve calls in flight at once.", ge=1)
     tree_bon_width: int = knob(0, "Tree best-of-N: children per level (0 turns the tree variant off).", ge=0)
     tree_bon_depth: int = knob(2, "Tree best-of-N: levels evolved from each parent.", ge=1)
@@ -285,6 +290,9 @@ def _cross_field_problems(cfg: Config) -> list[str]:
             problems.append("evolve.operator_weights: needs evolve.operators of the same length")
         elif any(w < 0 for w in weights) or sum(weights) <= 0:
             problems.append(f"evolve.operator_weights: {weights}; weights are >= 0 and not all 0")
+    if cfg.evolve.deadline_s is not None and cfg.evolve.deadline_s < cfg.evolve.timeout_s:
+        problems.append(f"evolve.deadline_s: {cfg.evolve.deadline_s} is below evolve.timeout_s "
+                        f"{cfg.evolve.timeout_s}; the deadline bounds all attempts, so it is at least one attempt")
     mix = cfg.world.level_mix
     if any(w < 0 for w in mix) or sum(mix) <= 0:
         problems.append(f"world.level_mix: {mix}; shares are >= 0 and not all 0")

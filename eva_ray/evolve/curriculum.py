@@ -175,21 +175,24 @@ class CurriculumEvolver:
         # sibling: the parent's own cell, clamped into the allowed range (a seed may sit outside it)
         return min(max(difficulty, self.min_difficulty), self.max_difficulty), min(num_terms, self.max_terms), None
 
-    def _reject(self, counts: EvolveCounts, reason: str) -> None:
+    def _reject(self, counts: EvolveCounts, reason: str, outcomes: list[dict[str, Any]], where: dict[str, Any],
+                text: str | None = None) -> None:
         counts.rejected[reason] += 1
         self.validator.rejections[reason] += 1
+        outcomes.append(where | {"outcome": "rejected", "reason": reason, "text": text})
 
     def _attempt(self, parent: PromptRecord, operator: str, index: int, step: int,
-                 counts: EvolveCounts) -> PromptRecord | None:
+                 counts: EvolveCounts, outcomes: list[dict[str, Any]]) -> PromptRecord | None:
+        where = {"step": step, "parent_id": parent.id, "operator": operator, "index": index}
         try:
             try:
                 difficulty, num_terms = self.world.task_params(parent)
             except ValueError:
-                self._reject(counts, NOT_A_TASK)
+                self._reject(counts, NOT_A_TASK, outcomes, where)
                 return None
             new_d, new_k, why = self._move(operator, difficulty, num_terms)
             if why is not None:
-                self._reject(counts, why)
+                self._reject(counts, why, outcomes, where)
                 return None
             for _ in range(self.max_tries):
                 task = self.world.sample_task(new_d, new_k, self.rng)
@@ -198,9 +201,10 @@ class CurriculumEvolver:
                     break
         except Exception as exc:  # noqa: BLE001 - a broken generator is one failed attempt, not a dead batch
             counts.failed[type(exc).__name__] += 1
+            outcomes.append(where | {"outcome": "failed", "cause": type(exc).__name__, "error": str(exc)})
             return None
         if why is not None:
-            self._reject(counts, why)
+            self._reject(counts, why, outcomes, where, task.text)
             return None
         counts.ok += 1
         self.validator.accepted += 1
@@ -220,14 +224,14 @@ class CurriculumEvolver:
                 jobs.append((parent, self.operators[int(i)], next_index[parent.id]))
                 next_index[parent.id] += 1
         counts = EvolveCounts(requested=len(jobs))
-        children = []
+        children, outcomes = [], []
         for parent, operator, index in jobs:
             t0 = time.perf_counter()
-            child = self._attempt(parent, operator, index, step, counts)
+            child = self._attempt(parent, operator, index, step, counts, outcomes)
             counts.latencies_s.append(time.perf_counter() - t0)
             if child is not None:
                 children.append(child)
-        return EvolveBatch(children=children, counts=counts)
+        return EvolveBatch(children=children, counts=counts, outcomes=outcomes)
 
     async def evolve(self, parents: Sequence[PromptRecord], n_children: int, *, step: int) -> EvolveBatch:
         """Up to ``n_children`` validated children per parent, in parent order; ids as in ``Evolver.evolve``."""

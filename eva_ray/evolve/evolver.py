@@ -2,9 +2,14 @@
 
 The evolver does not know which LLM answers: it takes ``complete``, an async callable from chat messages to the
 answer text (the creator actor binds LiteLLM to it; tests bind a fake). Calls run concurrently under a semaphore,
-and nothing a single call does (raise, time out, return junk) can sink the batch: every attempt ends as exactly one
-of *ok*, *rejected* (by validation reason) or *failed* (by exception type), so ``ok + rejected + failed ==
-requested`` always holds and the creator's metrics can say where its children went.
+and nothing a single call does (raise, time out, return junk) can sink the batch: every request ends as exactly one
+of *ok*, *rejected* (by validation reason) or *failed* (by cause: ``rate_limit``, ``timeout``, ``connection``,
+``bad_request``, ...; see :func:`failure_cause`), so ``ok + rejected + failed == requested`` always holds and the
+creator's metrics can say where its children went.
+
+A request whose call fails for a passing reason (rate limit, timeout, connection, server error) is tried again,
+with exponential backoff, by tenacity: at most ``max_retries`` more times, each attempt bounded by ``timeout_s`` and
+the whole request (attempts and waits) by ``deadline_s``. Retries are counted by the cause that made them.
 
 Two ways to evolve share one path for call, parse, validate and count (:meth:`Evolver._attempt`):
 
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_before_delay, wait_exponential_jitter
 
 from eva_ray.evolve.operators import STYLES, build_messages, choose_operators, get_style, validate_operators
 from eva_ray.evolve.validate import EvolveValidator
@@ -39,6 +45,48 @@ Complete = Callable[[list[dict[str, str]]], Awaitable[str]]
 """An LLM call: chat messages in, the assistant's answer text out."""
 Scorer = Callable[[str], "float | Awaitable[float]"]
 """Tree-BoN judge: prompt text in, a score out (higher is better); sync or async."""
+
+# Why an LLM call failed, by exception class name, looked up along the class's MRO so that a provider library's
+# subclasses (LiteLLM's, the OpenAI client's) land on their base cause. Names, not classes: this package imports no
+# LLM client.
+_CAUSE_BY_CLASS = {
+    "RateLimitError": "rate_limit",
+    "Timeout": "timeout", "APITimeoutError": "timeout", "TimeoutError": "timeout",
+    "APIConnectionError": "connection", "ConnectionError": "connection",
+    "ContextWindowExceededError": "context_window", "ContentPolicyViolationError": "content_policy",
+    "BadRequestError": "bad_request", "UnprocessableEntityError": "bad_request",
+    "AuthenticationError": "auth", "PermissionDeniedError": "auth",
+    "NotFoundError": "not_found",
+    "InternalServerError": "server_error", "ServiceUnavailableError": "server_error", "BadGatewayError": "server_error",
+    "BadAnswer": "bad_answer",
+}
+_CAUSE_BY_STATUS = {400: "bad_request", 401: "auth", 403: "auth", 404: "not_found", 408: "timeout",
+                    422: "bad_request", 429: "rate_limit"}
+RETRYABLE_CAUSES = frozenset({"rate_limit", "timeout", "connection", "server_error"})
+"""Causes that pass: the provider is overloaded, slow or briefly unreachable. Any other fails the same way again."""
+CONFIG_CAUSES = frozenset({"bad_request", "auth", "not_found"})
+"""Causes that, when every call fails with them, say the evolve LLM is misconfigured (model, provider, key)."""
+_MAX_BACKOFF_S = 30.0
+_EVENT_TEXT_CHARS = 2000  # how much of a rejected answer or an error message an outcome keeps
+
+
+def failure_cause(exc: BaseException) -> str:
+    """The cause of a failed LLM call, e.g. ``rate_limit`` or ``timeout``; an unknown exception's type name."""
+    for klass in type(exc).__mro__:
+        cause = _CAUSE_BY_CLASS.get(klass.__name__)
+        if cause is not None:
+            return cause
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int):
+        if status in _CAUSE_BY_STATUS:
+            return _CAUSE_BY_STATUS[status]
+        if status >= 500:
+            return "server_error"
+    return type(exc).__name__
+
+
+class BadAnswer(TypeError):
+    """``complete()`` returned something other than text."""
 
 
 @dataclass
@@ -50,9 +98,11 @@ class EvolveCounts:
     rejected: Counter[str] = field(default_factory=Counter)
     """Validation reason -> count (see :data:`eva_ray.evolve.validate.REJECTION_REASONS`)."""
     failed: Counter[str] = field(default_factory=Counter)
-    """Exception type name of the LLM call -> count (``TimeoutError`` for a call past ``timeout_s``)."""
+    """Cause of the last failed attempt of a request (:func:`failure_cause`) -> count."""
+    retried: Counter[str] = field(default_factory=Counter)
+    """Cause of a failed attempt that was tried again -> count (retries are not requests: they add to no total)."""
     latencies_s: list[float] = field(default_factory=list)
-    """Wall time of every LLM call that was made, successful or not (semaphore wait excluded)."""
+    """Wall time of every LLM attempt that was made, successful or not (semaphore wait excluded)."""
     score_failed: Counter[str] = field(default_factory=Counter)
     """Tree-BoN only: scorer exceptions (or ``non_finite``) by type; such candidates are not selectable."""
 
@@ -64,14 +114,25 @@ class EvolveCounts:
     def n_failed(self) -> int:
         return sum(self.failed.values())
 
+    @property
+    def n_retried(self) -> int:
+        return sum(self.retried.values())
+
     def add(self, other: EvolveCounts) -> None:
         """Accumulate ``other`` into these counts (e.g. over the levels of a tree or the steps of a run)."""
         self.requested += other.requested
         self.ok += other.ok
         self.rejected.update(other.rejected)
         self.failed.update(other.failed)
+        self.retried.update(other.retried)
         self.latencies_s.extend(other.latencies_s)
         self.score_failed.update(other.score_failed)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvolveCounts:
+        return cls(requested=data["requested"], ok=data["ok"], rejected=Counter(data["rejected"]),
+                   failed=Counter(data["failed"]), retried=Counter(data.get("retried", {})),
+                   latencies_s=list(data["latencies_s"]), score_failed=Counter(data["score_failed"]))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +140,7 @@ class EvolveCounts:
             "ok": self.ok,
             "rejected": dict(self.rejected),
             "failed": dict(self.failed),
+            "retried": dict(self.retried),
             "latencies_s": list(self.latencies_s),
             "score_failed": dict(self.score_failed),
         }
@@ -86,17 +148,25 @@ class EvolveCounts:
 
 @dataclass
 class EvolveBatch:
-    """The accepted children of one evolve call and the counts of all its attempts."""
+    """The accepted children of one evolve call, the counts of all its requests, and what became of the others."""
 
     children: list[PromptRecord]
     counts: EvolveCounts
+    outcomes: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per request that gave no child: ``outcome`` (``rejected`` or ``failed``), the parent id, operator,
+    attempt index and step, and the ``reason`` with the answer's ``text``, or the ``cause`` with the ``error``."""
 
 
 @dataclass(frozen=True)
-class _Job:
+class EvolveJob:
+    """One planned request: evolve ``parent`` with ``operator``; ``index`` numbers the parent's children."""
+
     parent: PromptRecord
     operator: str
     index: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"parent": self.parent.to_dict(), "operator": self.operator, "index": self.index}
 
 
 class Evolver:
@@ -104,9 +174,11 @@ class Evolver:
 
     ``operators`` defaults to every operator of ``style``. The ``validator`` holds the duplicate index: the buffer's
     owner registers what the buffer holds and unregisters what leaves it; the evolver registers every child it
-    accepts, so siblings of one batch are deduplicated against each other. ``timeout_s`` bounds a single call
-    (a hung provider must not hold a batch forever). ``system_message=False`` folds the system prompt into the
-    user turn, for chat templates that reject a system role.
+    accepts, so siblings of one batch are deduplicated against each other. ``timeout_s`` bounds one attempt (a hung
+    provider must not hold a batch forever), ``deadline_s`` one request with all its attempts and backoff waits;
+    ``max_retries`` attempts more are made for a retryable cause, the first after ``retry_backoff_s`` (doubling,
+    with as much jitter, at most 30 s). ``system_message=False`` folds the system prompt into the user turn, for chat
+    templates that reject a system role.
     """
 
     def __init__(
@@ -119,12 +191,18 @@ class Evolver:
         rng_seed: int = 0,
         max_concurrency: int = 8,
         timeout_s: float | None = None,
+        deadline_s: float | None = None,
+        max_retries: int = 0,
+        retry_backoff_s: float = 1.0,
         system_message: bool = True,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-        if timeout_s is not None and timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        for name, value in (("timeout_s", timeout_s), ("deadline_s", deadline_s)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if max_retries < 0 or retry_backoff_s < 0:
+            raise ValueError(f"max_retries and retry_backoff_s must be >= 0, got {max_retries}, {retry_backoff_s}")
         self.complete = complete
         self.style = get_style(style).name
         self.operators = validate_operators(
@@ -134,6 +212,9 @@ class Evolver:
         self.rng = np.random.default_rng(rng_seed)
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
+        self.deadline_s = deadline_s
+        self.max_retries = max_retries
+        self.retry_backoff_s = retry_backoff_s
         self.system_message = system_message
         self._sem: asyncio.Semaphore | None = None
         self._sem_loop: asyncio.AbstractEventLoop | None = None
@@ -147,38 +228,67 @@ class Evolver:
             self._sem, self._sem_loop = asyncio.Semaphore(self.max_concurrency), loop
         return self._sem
 
-    def _messages(self, job: _Job) -> list[dict[str, str]]:
+    def _messages(self, job: EvolveJob) -> list[dict[str, str]]:
         return build_messages(job.parent.prompt_text, job.operator, self.style, system=self.system_message)
 
-    async def _call(self, messages: list[dict[str, str]], counts: EvolveCounts) -> str | None:
-        """One LLM call; ``None`` (counted as failed by exception type) when it raises or times out."""
-        async with self._semaphore():
-            t0 = time.perf_counter()
+    async def _call(self, messages: list[dict[str, str]], counts: EvolveCounts) -> str | BaseException:
+        """One request, retried for passing causes; the answer, or the exception of its last attempt (counted)."""
+        async with self._semaphore():  # held over retries too: a rate-limited provider gets no more calls at once
+            stop = stop_after_attempt(self.max_retries + 1)
+            if self.deadline_s is not None:
+                stop = stop | stop_before_delay(self.deadline_s)
+            deadline = None if self.deadline_s is None else time.monotonic() + self.deadline_s
+
+            def count_retry(state: Any) -> None:
+                counts.retried[failure_cause(state.outcome.exception())] += 1
+
+            retrying = AsyncRetrying(
+                stop=stop, reraise=True, before_sleep=count_retry,
+                wait=wait_exponential_jitter(multiplier=self.retry_backoff_s, max=_MAX_BACKOFF_S,
+                                             jitter=self.retry_backoff_s),
+                retry=retry_if_exception(lambda exc: failure_cause(exc) in RETRYABLE_CAUSES),
+            )
             try:
-                if self.timeout_s is None:
-                    raw = await self.complete(messages)
-                else:
-                    raw = await asyncio.wait_for(self.complete(messages), self.timeout_s)
-                if not isinstance(raw, str):
-                    raise TypeError(f"complete() returned {type(raw).__name__}, expected str")
-            except Exception as exc:  # noqa: BLE001 - any provider error is one failed attempt, not a dead batch
-                counts.failed[type(exc).__name__] += 1
-                return None
-            finally:
-                counts.latencies_s.append(time.perf_counter() - t0)
+                async for attempt in retrying:
+                    with attempt:
+                        raw = await self._call_once(messages, deadline, counts)
+            except Exception as exc:  # noqa: BLE001 - any provider error is one failed request, not a dead batch
+                counts.failed[failure_cause(exc)] += 1
+                return exc
         return raw
 
-    async def _attempt(self, jobs: Sequence[_Job], step: int, counts: EvolveCounts) -> list[PromptRecord | None]:
+    async def _call_once(self, messages: list[dict[str, str]], deadline: float | None, counts: EvolveCounts) -> str:
+        """One attempt, bounded by ``timeout_s`` and by what is left of the request's deadline."""
+        limits = [t for t in (self.timeout_s, None if deadline is None else deadline - time.monotonic())
+                  if t is not None]
+        t0 = time.perf_counter()
+        try:
+            if limits:
+                raw = await asyncio.wait_for(self.complete(messages), max(min(limits), 0.0))
+            else:
+                raw = await self.complete(messages)
+        finally:
+            counts.latencies_s.append(time.perf_counter() - t0)
+        if not isinstance(raw, str):
+            raise BadAnswer(f"complete() returned {type(raw).__name__}, expected str")
+        return raw
+
+    async def _attempt(self, jobs: Sequence[EvolveJob], step: int, counts: EvolveCounts,
+                       outcomes: list[dict[str, Any]]) -> list[PromptRecord | None]:
         """Run ``jobs`` concurrently, then parse, validate and register their answers in job order.
 
-        Returns one entry per job: the child, or ``None`` when the call failed or the answer was rejected.
+        Returns one entry per job: the child, or ``None`` when the call failed or the answer was rejected (and then
+        an entry in ``outcomes`` says why).
         """
         counts.requested += len(jobs)
         requests = [self._messages(job) for job in jobs]
         raws = await asyncio.gather(*(self._call(messages, counts) for messages in requests))
         out: list[PromptRecord | None] = []
         for job, messages, raw in zip(jobs, requests, raws):
-            if raw is None:
+            where = {"step": step, "parent_id": job.parent.id, "operator": job.operator, "index": job.index}
+            if isinstance(raw, BaseException):
+                outcomes.append(where | {"outcome": "failed", "cause": failure_cause(raw),
+                                         "error": f"{type(raw).__name__}: {raw}"[:_EVENT_TEXT_CHARS]})
                 out.append(None)
                 continue
             # The request's own wording, without the parent, for the validator's echo check.
@@ -186,6 +296,8 @@ class Evolver:
             clean, reason = self.validator.check(raw, job.parent.prompt_text, instructions)
             if clean is None:
                 counts.rejected[reason or "unknown"] += 1
+                outcomes.append(where | {"outcome": "rejected", "reason": reason or "unknown",
+                                         "text": raw[:_EVENT_TEXT_CHARS]})
                 out.append(None)
                 continue
             counts.ok += 1
@@ -197,6 +309,27 @@ class Evolver:
         return out
 
     # --- plain evolve -----------------------------------------------------------------------------------------------
+    def plan(self, parents: Sequence[PromptRecord], n_children: int) -> list[EvolveJob]:
+        """Draw the operators of ``n_children`` requests per parent, in parent order (advances the generator).
+
+        :meth:`run_plan` makes the calls; planning first lets a caller record what is in flight before it is.
+        """
+        if n_children < 0:
+            raise ValueError(f"n_children must be >= 0, got {n_children}")
+        jobs: list[EvolveJob] = []
+        next_index: Counter[str] = Counter()
+        for parent in parents:
+            for op in choose_operators(self.rng, n_children, self.operators):
+                jobs.append(EvolveJob(parent, op, next_index[parent.id]))
+                next_index[parent.id] += 1
+        return jobs
+
+    async def run_plan(self, jobs: Sequence[EvolveJob], *, step: int) -> EvolveBatch:
+        """Make the requests of a :meth:`plan`; the children in job order."""
+        counts, outcomes = EvolveCounts(), []
+        results = await self._attempt(jobs, step, counts, outcomes)
+        return EvolveBatch(children=[c for c in results if c is not None], counts=counts, outcomes=outcomes)
+
     async def evolve(self, parents: Sequence[PromptRecord], n_children: int, *, step: int) -> EvolveBatch:
         """Up to ``n_children`` validated children per parent, in parent order.
 
@@ -204,17 +337,7 @@ class Evolver:
         siblings are rejected. A parent listed twice gets distinct attempt numbers; evolving the same parent again
         in another call at the same ``step`` would reuse ids, which the caller must avoid.
         """
-        if n_children < 0:
-            raise ValueError(f"n_children must be >= 0, got {n_children}")
-        jobs: list[_Job] = []
-        next_index: Counter[str] = Counter()
-        for parent in parents:
-            for op in choose_operators(self.rng, n_children, self.operators):
-                jobs.append(_Job(parent, op, next_index[parent.id]))
-                next_index[parent.id] += 1
-        counts = EvolveCounts()
-        results = await self._attempt(jobs, step, counts)
-        return EvolveBatch(children=[c for c in results if c is not None], counts=counts)
+        return await self.run_plan(self.plan(parents, n_children), step=step)
 
     # --- tree best-of-N ---------------------------------------------------------------------------------------------
     async def _score(self, scorer: Scorer, text: str) -> float:
@@ -240,13 +363,13 @@ class Evolver:
         """
         if width < 1 or depth < 1:
             raise ValueError(f"tree-BoN needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
-        counts = EvolveCounts()
+        counts, outcomes = EvolveCounts(), []
         chain: list[PromptRecord] = []
         node = parent
         for level in range(1, depth + 1):
             ops = choose_operators(self.rng, width, self.operators)
-            jobs = [_Job(node, op, i) for i, op in enumerate(ops)]
-            valid = [c for c in await self._attempt(jobs, step, counts) if c is not None]
+            jobs = [EvolveJob(node, op, i) for i, op in enumerate(ops)]
+            valid = [c for c in await self._attempt(jobs, step, counts, outcomes) if c is not None]
             scores = await asyncio.gather(*(self._score(scorer, c.prompt_text) for c in valid), return_exceptions=True)
             best: PromptRecord | None = None
             best_score = -math.inf
@@ -266,7 +389,7 @@ class Evolver:
             best.meta.update(tree_bon_score=best_score, tree_bon_level=level)
             chain.append(best)
             node = best
-        return EvolveBatch(children=chain, counts=counts)
+        return EvolveBatch(children=chain, counts=counts, outcomes=outcomes)
 
 
 class _NonFiniteScore(ValueError):

@@ -23,6 +23,7 @@ from eva_ray.evolve.operators import INPUT_MARKER, OUTPUT_MARKER, TEMPLATE_MARKE
 
 # --- rejection reasons ---------------------------------------------------------------------------------------------
 EMPTY = "empty"
+ONLY_MARKERS = "only_markers"
 ECHOED_MARKER = "echoed_marker"
 TOO_SHORT = "too_short"
 TOO_LONG = "too_long"
@@ -32,6 +33,7 @@ NEAR_DUPLICATE_BUFFER = "near_duplicate_buffer"
 ECHOED_INSTRUCTION = "echoed_instruction"
 REJECTION_REASONS: tuple[str, ...] = (
     EMPTY,
+    ONLY_MARKERS,
     ECHOED_MARKER,
     TOO_SHORT,
     TOO_LONG,
@@ -381,6 +383,10 @@ class EvolveValidator:
         """
         clean = parse_evolved(text)
         why = self.reason(clean, parent_text, instructions)
+        if why == EMPTY and _ANY_MARKER_RE.search(text or ""):
+            # The answer was the template's markers and nothing else (parsing strips them): the model echoed the
+            # frame, which says something other than an empty answer does.
+            why = ONLY_MARKERS
         if why is not None:
             self.rejections[why] += 1
             return None, why

@@ -65,7 +65,7 @@ def test_starved_bootstrap_waits_boundedly_then_says_why(tiny_paths):
     async def broken(messages):
         raise ConnectionError("provider down")
 
-    cfg = make_cfg(tiny_paths, "creator.bootstrap_wait_s=0.5")
+    cfg = make_cfg(tiny_paths, "creator.bootstrap_wait_s=0.5", "evolve.retry_backoff_s=0")
     creator = Creator(cfg, seeds(4), complete=broken)
 
     async def walk():
@@ -78,7 +78,9 @@ def test_starved_bootstrap_waits_boundedly_then_says_why(tiny_paths):
         return await creator.stats()
 
     stats = asyncio.run(walk())
-    assert stats["creator"]["evolve_failed"] == {"ConnectionError": 4}
+    # Counted by cause, after the configured 3 retries of each of the 4 requests.
+    assert stats["creator"]["evolve_failed"] == {"connection": 4}
+    assert stats["creator"]["llm_retried"] == {"connection": 12} and stats["creator"]["llm_retries"] == 12
 
 
 def test_report_measures_informativeness_and_picks_the_top_half(tiny_paths):
@@ -120,3 +122,57 @@ def test_method_none_is_the_static_baseline(tiny_paths):
     phases, stats = asyncio.run(walk())
     assert phases == ["warm-up"] * 5 and len(creator.buffer) == 0
     assert stats["creator"]["evolve_requested"] == 0 and creator.seed_used == 20  # D re-walked: 3 epochs of 8
+
+
+def test_a_model_litellm_cannot_route_is_one_clear_error_at_start_up(tiny_paths):
+    from actors.creator import EvolveLLMError
+
+    cfg = load_config(None, ["reward.function=pkg.mod:fn", "evolve.model=nosuchprovider/tiny"])
+    with pytest.raises(EvolveLLMError, match=r"evolve.model 'nosuchprovider/tiny': LiteLLM cannot route it") as err:
+        Creator(cfg, seeds(4))
+    assert "\n" not in str(err.value)
+
+
+def test_real_litellm_faults_are_counted_by_cause_and_a_wrong_model_name_stops_the_run(tiny_paths):
+    import time
+
+    from actors.creator import EvolveLLMError
+    from actors.local_llm import register_local_provider, unregister_local_provider
+
+    handler = register_local_provider(tiny_paths["policy"], provider="faulty", name="tiny", load_now=True)
+    real_generate = handler.model.generate
+    try:
+        # A provider slower than the per-attempt timeout: every attempt ends in litellm.Timeout, retried once.
+        def slow(*args, **kwargs):
+            time.sleep(2.0)
+            return real_generate(*args, **kwargs)
+
+        handler.model.generate = slow
+        cfg = load_config(None, ["reward.function=pkg.mod:fn", "creator.batch_size=4", "creator.n_new=2",
+                                 "evolve.model=faulty/tiny", "evolve.max_tokens=4", "evolve.timeout_s=1",
+                                 "evolve.max_retries=1", "evolve.retry_backoff_s=0"])
+        creator = Creator(cfg, seeds(8))
+
+        async def one_step(c):
+            batch = await c.next_batch(0)
+            await c.report(0, [[0.0, 1.0]] * len(batch.prompts))
+            await c.drain(30)
+            return (await c.stats())["creator"]
+
+        stats = asyncio.run(one_step(creator))
+        assert stats["evolve_failed"] == {"timeout": 4} and stats["llm_retried"] == {"timeout": 4}
+        assert handler.stats()["calls"] == 8  # both attempts of each request reached the provider through LiteLLM
+        handler.model.generate = real_generate
+
+        # A model name the provider does not serve: 404 on every call, never retried, and the run is stopped.
+        cfg = load_config(None, ["reward.function=pkg.mod:fn", "creator.batch_size=4", "creator.n_new=2",
+                                 "evolve.model=faulty/other", "evolve.max_tokens=4", "evolve.retry_backoff_s=0"])
+        wrong = Creator(cfg, seeds(8))
+        stats = asyncio.run(one_step(wrong))
+        assert stats["evolve_failed"] == {"not_found": 4} and stats["llm_retries"] == 0
+        with pytest.raises(EvolveLLMError, match=r"all 4 evolve calls of the first batch failed .*not_found.*"
+                                                 r"'faulty/other' is misconfigured"):
+            asyncio.run(wrong.next_batch(1))
+    finally:
+        handler.model.generate = real_generate
+        unregister_local_provider("faulty")

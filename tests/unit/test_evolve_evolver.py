@@ -81,7 +81,7 @@ def run(coro):
 def assert_counts_add_up(batch: EvolveBatch) -> None:
     c = batch.counts
     assert c.ok + c.n_rejected + c.n_failed == c.requested
-    assert len(c.latencies_s) == c.ok + c.n_rejected + c.n_failed  # every call made is timed
+    assert len(c.latencies_s) == c.ok + c.n_rejected + c.n_failed + c.n_retried  # every attempt made is timed
 
 
 def test_children_carry_lineage() -> None:
@@ -170,7 +170,7 @@ def test_a_raising_complete_does_not_kill_the_batch() -> None:
 
     batch = run(Evolver(flaky, rng_seed=0).evolve(seeds(3), 4, step=0))
     assert batch.counts.requested == 12
-    assert batch.counts.n_failed == 4 and set(batch.counts.failed) == {"ValueError", "TimeoutError"}
+    assert batch.counts.n_failed == 4 and set(batch.counts.failed) == {"ValueError", "timeout"}
     assert len(batch.children) == batch.counts.ok == 8
     assert_counts_add_up(batch)
 
@@ -184,9 +184,10 @@ def test_timeout_and_non_string_answers_count_as_failures() -> None:
         return None  # type: ignore[return-value]
 
     batch = run(Evolver(hangs, timeout_s=0.01).evolve(seeds(1), 3, step=0))
-    assert dict(batch.counts.failed) == {"TimeoutError": 3}
+    assert dict(batch.counts.failed) == {"timeout": 3}
     batch = run(Evolver(returns_none).evolve(seeds(1), 2, step=0))
-    assert dict(batch.counts.failed) == {"TypeError": 2}
+    assert dict(batch.counts.failed) == {"bad_answer": 2}
+    assert [o["cause"] for o in batch.outcomes] == ["bad_answer", "bad_answer"]
 
 
 @pytest.mark.parametrize("limit", [1, 3])
@@ -283,3 +284,119 @@ def test_tree_bon_skips_failed_scores_and_stops_when_a_level_has_no_valid_child(
 def test_tree_bon_validates_arguments() -> None:
     with pytest.raises(ValueError, match="width"):
         run(Evolver(FakeLLM()).evolve_tree_bon(seeds(1)[0], width=0, depth=2, scorer=len, step=0))
+
+
+class RateLimitError(Exception):
+    """Named like LiteLLM's: the cause is read from the class name along the MRO."""
+
+
+class ProviderRefused(Exception):
+    status_code = 400
+
+
+def test_failures_are_counted_by_cause_and_only_passing_causes_are_retried() -> None:
+    llm = FakeLLM()
+    attempts: Counter[str] = Counter()
+
+    async def flaky(messages: list[dict[str, str]]) -> str:
+        key = parent_of(messages) + operator_of(messages)
+        attempts[key] += 1
+        if parent_of(messages) == seeds(2)[1].text:
+            raise ProviderRefused("bad request")  # the same every time: never retried
+        if attempts[key] <= 2:
+            raise RateLimitError("slow down")  # twice per request, then fine
+        return await llm(messages)
+
+    ev = Evolver(flaky, rng_seed=0, max_retries=3, retry_backoff_s=0.0)
+    batch = run(ev.evolve(seeds(2), 3, step=0))
+    c = batch.counts
+    assert c.ok == 3 and len(batch.children) == 3
+    assert dict(c.failed) == {"bad_request": 3} and dict(c.retried) == {"rate_limit": 6}
+    assert sum(attempts.values()) == 3 * 3 + 3  # 3 requests x 3 attempts, 3 refused requests x 1 attempt
+    assert {o["outcome"] for o in batch.outcomes} == {"failed"} and len(batch.outcomes) == 3
+    assert_counts_add_up(batch)
+    # With no retries allowed, the same rate limit is a failure by its cause, not by an exception name.
+    attempts.clear()
+    batch = run(Evolver(flaky, rng_seed=0, max_retries=0).evolve(seeds(1), 2, step=0))
+    assert dict(batch.counts.failed) == {"rate_limit": 2} and not batch.counts.retried
+
+
+def test_each_attempt_has_its_own_timeout_and_the_request_a_deadline() -> None:
+    import time
+
+    calls = Counter()
+
+    async def first_attempt_hangs(messages: list[dict[str, str]]) -> str:
+        calls["n"] += 1
+        if calls["n"] % 2 == 1:
+            await asyncio.sleep(10)
+        return words_from(f"answer{calls['n']}")
+
+    # A hung first attempt times out after timeout_s and the retry answers: the deadline is not eaten by it.
+    batch = run(Evolver(first_attempt_hangs, max_concurrency=1, timeout_s=0.05, deadline_s=5, max_retries=2,
+                        retry_backoff_s=0.0).evolve(seeds(1), 2, step=0))
+    assert batch.counts.ok == 2 and dict(batch.counts.retried) == {"timeout": 2} and not batch.counts.failed
+
+    async def always_hangs(messages: list[dict[str, str]]) -> str:
+        calls["hang"] += 1
+        await asyncio.sleep(10)
+        return "never"
+
+    t0 = time.monotonic()
+    batch = run(Evolver(always_hangs, timeout_s=0.05, deadline_s=0.17, max_retries=50,
+                        retry_backoff_s=0.0).evolve(seeds(1), 1, step=0))
+    elapsed = time.monotonic() - t0
+    # The deadline, not the 50 retries, ends the request: about 0.17 s, in 3-4 attempts (2 on a busy machine).
+    assert dict(batch.counts.failed) == {"timeout": 1}
+    assert 2 <= calls["hang"] <= 4 and elapsed < 1.0
+
+
+def test_backoff_waits_between_attempts() -> None:
+    import time
+
+    calls = Counter()
+
+    async def twice_down(messages: list[dict[str, str]]) -> str:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise ConnectionError("reset")
+        return words_from("fine")
+
+    t0 = time.monotonic()
+    batch = run(Evolver(twice_down, max_retries=2, retry_backoff_s=0.05).evolve(seeds(1), 1, step=0))
+    assert batch.counts.ok == 1 and dict(batch.counts.retried) == {"connection": 2}
+    assert time.monotonic() - t0 >= 0.05 + 0.10  # initial backoff, then doubled
+
+
+def test_failure_cause_reads_class_names_along_the_mro_then_status_codes() -> None:
+    from eva_ray.evolve.evolver import failure_cause
+
+    class APIConnectionError(Exception):
+        pass
+
+    class Timeout(APIConnectionError):  # LiteLLM's Timeout is an APIConnectionError: the nearer name wins
+        pass
+
+    class Throttled(RateLimitError):
+        pass
+
+    class Status(Exception):
+        def __init__(self, code: int) -> None:
+            self.status_code = code
+
+    assert failure_cause(Timeout()) == "timeout" and failure_cause(APIConnectionError()) == "connection"
+    assert failure_cause(Throttled()) == "rate_limit" and failure_cause(asyncio.TimeoutError()) == "timeout"
+    assert [failure_cause(Status(c)) for c in (401, 404, 429, 503, 418)] == \
+        ["auth", "not_found", "rate_limit", "server_error", "Status"]
+    assert failure_cause(ValueError()) == "ValueError"
+
+
+def test_an_answer_of_template_markers_only_is_its_own_rejection() -> None:
+    from eva_ray.evolve.validate import ONLY_MARKERS
+
+    script = {op: (lambda p: f"{OUTPUT_MARKER}\n") for op in OPERATORS}
+    script["reasoning"] = lambda p: "   "
+    batch = run(Evolver(FakeLLM(script), operators=["reasoning", "deepening"], rng_seed=3).evolve(seeds(2), 4,
+                                                                                                   step=0))
+    assert set(batch.counts.rejected) == {ONLY_MARKERS, EMPTY}
+    assert all(o["reason"] == ONLY_MARKERS for o in batch.outcomes if o["operator"] == "deepening")
