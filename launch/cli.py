@@ -35,8 +35,9 @@ DEFAULT_RUN = Path(__file__).with_name("default_run.yaml")
 
 def _run_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config or DEFAULT_RUN, args.overrides)
-    from actors.creator import CreatorStarved
+    from actors.creator import CreatorStarved, EvolveLLMError
     from eva_ray.data import DataError
+    from launch import signals
     from eva_ray.packaged_models import PackagedModelUnavailable
     from launch.cluster import ClusterError
     from launch.driver import StalePolicyError, run
@@ -46,11 +47,13 @@ def _run_command(args: argparse.Namespace) -> int:
     except (DataError, PackagedModelUnavailable) as exc:
         print(f"eva-ray: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    except (ClusterError, CreatorStarved, StalePolicyError) as exc:
+    except (ClusterError, CreatorStarved, EvolveLLMError, StalePolicyError) as exc:
         # Known ways a run can stop: one clear line; the run directory already holds what was written.
         print(f"eva-ray: run stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    return 130 if summary.interrupted else 0
+    if summary.interrupted:
+        return signals.EXIT_CODE if signals.terminated() else 130
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

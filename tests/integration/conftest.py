@@ -10,13 +10,17 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest
 
+from eva_ray.lineage import read_lineage
+
 NAMESPACES = ("train/", "rollout/", "buffer/", "creator/", "eval/", "timing/")
 
 
 def read_run(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    table = next(line["creator/evolved_prompts"] for line in lines if "creator/evolved_prompts" in line)
+    tables = [line for line in lines if "creator/evolved_prompts" in line]
+    # Logged every creator.snapshot_every steps and at the end: the last is the run's final table.
+    table = tables[-1]["creator/evolved_prompts"]
     return {
         "summary": json.loads((run_dir / "summary.json").read_text()),
         "metrics": [line for line in lines if "creator/evolved_prompts" not in line],
@@ -45,6 +49,12 @@ def assert_complete_run(run_dir: str | Path, *, steps: int, max_staleness: int =
         assert any(k.startswith(ns) for k in keys), f"no {ns} metric"
     assert all("train/global_step" in m for m in run["metrics"])
     assert [m["train/global_step"] for m in run["metrics"]] == list(range(1, steps + 1))
+    # The lineage log saw every step's minibatch and every evolved prompt that was trained on.
+    lineage = read_lineage(Path(run_dir) / "lineage.jsonl")
+    trained = [e for e in lineage if e["event"] == "trained"]
+    assert sorted({e["step"] for e in trained}) == list(range(steps))
+    added = {e["record"]["id"] for e in lineage if e["event"] == "added"}
+    assert {e["id"] for e in trained if e["source"] == "evolved"} <= added
     wandb_files = list(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     assert wandb_files and wandb_files[0].stat().st_size > 0
     return run
