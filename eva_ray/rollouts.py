@@ -41,6 +41,9 @@ class Rollout:
     """One of :data:`FINISH_REASONS`."""
     policy_version: int
     """Version of the weights that sampled this response (0: the initial policy)."""
+    logprobs: list[float] | None = None
+    """Behaviour log-prob of each response token under the distribution it was sampled from (after temperature and
+    top-p; plain softmax for greedy decoding), one per ``response_token_ids`` entry; NaN where the engine gave none."""
 
     def __post_init__(self) -> None:
         if self.finish_reason not in FINISH_REASONS:

@@ -50,7 +50,9 @@ def char_tokenizer():
     return tokenizer
 
 
-def tiny_llama_config(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+# Two heads of 32 dimensions: 32 is the smallest head size vLLM's CPU attention runs, so the vLLM backend can serve
+# the tiny policy too.
+def tiny_llama_config(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 2,
                       intermediate: int | None = None, max_positions: int = 512, **extra):
     from transformers import LlamaConfig
 
@@ -98,6 +100,7 @@ def save_tiny_models(root: str | Path, *, seed: int = 0, **shape) -> dict[str, s
 
 TINY_SCHEME = "tiny:"
 _TINY_KINDS = ("policy", "reward")
+_TINY_VERSION = "v2"  # part of the cache folder's name: bump it when the tiny models' shape changes
 
 
 def tiny_cache_dir() -> Path:
@@ -128,7 +131,7 @@ def resolve_model_path(path: str | None, *, seed: int = 0) -> str | None:
     kind = path[len(TINY_SCHEME):]
     if kind not in _TINY_KINDS:
         raise ValueError(f"{path!r}: a tiny model is one of {', '.join(TINY_SCHEME + k for k in _TINY_KINDS)}")
-    root = tiny_cache_dir() / f"seed{seed}"
+    root = tiny_cache_dir() / f"{_TINY_VERSION}-seed{seed}"
     folder = root / kind
     if not (folder / "config.json").is_file():
         import shutil
