@@ -6,7 +6,9 @@ A plain class: Ray wraps it at launch (``ray.remote(Learner)``); tests and singl
                       total_steps=cfg.run.total_steps, seed=cfg.run.seed, temperature=cfg.rollout.temperature)
     batch = collate(groups, rewards, pad_token_id)         # eva_ray.batching
     metrics = learner.train_step(batch)                    # {"train/loss": ..., "timing/learner_s": ...}
-    version, state_dict = learner.get_weights()            # for RolloutWorker.update_weights(state_dict, version)
+    spec = learner.open_weight_channel(host, world_size, bucket_bytes=64 << 20, timeout_s=300)   # once, then
+    learner.join_weight_channel()                          # with every rollout worker at once (a collective)
+    learner.push_weights()                                 # each sync: buckets over the channel, see weight_channel
     learner.save("runs/x/checkpoint-100"); learner.close()
 
 One ``train_step``:
@@ -60,9 +62,11 @@ from typing import Any
 
 import torch
 
+from actors.weight_channel import ChannelSpec, WeightChannel, collective, host_store, send
 from eva_ray.batching import TrainBatch, groups_with_spread, micro_batches, right_pad, select_pairs, share
 from eva_ray.config import LearnerConfig, ModelConfig, SolverConfig
 from eva_ray.losses import entropy_from_logits, get_policy_loss, kl_estimate, masked_mean, token_logprobs
+from eva_ray.weights import spec_of
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LR_SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
@@ -274,6 +278,9 @@ class Learner:
         self._version = 0
         self._closed = False
         self._owns_group = False
+        self._channel: WeightChannel | None = None
+        self._channel_store: Any = None
+        self._channel_spec: ChannelSpec | None = None
         requested = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(seed)
@@ -538,13 +545,8 @@ class Learner:
         else:
             yield param.data
 
-    def iter_weights(self) -> Iterator[tuple[list[str], torch.Tensor]]:
-        """Yield ``(names, tensor)`` per parameter (in ``state_dict`` order), then per persistent buffer.
-
-        ``names`` lists every ``state_dict`` key of the tensor (tied weights, e.g. an LM head sharing the embedding,
-        appear once with both names). Under ZeRO-3 the tensor is gathered only while the consumer holds it: use it
-        (copy, broadcast) before advancing. A collective under ZeRO-3: every rank must iterate.
-        """
+    def _weight_entries(self) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """``(names, tensor)`` per parameter (``state_dict`` order), then per persistent buffer; nothing gathered."""
         module = self.engine.module
         keys = list(module.state_dict(keep_vars=True).keys())
         key_set = set(keys)
@@ -556,12 +558,67 @@ class Learner:
                 params[id(param)] = param
         order = {name: i for i, name in enumerate(keys)}
         for pid in sorted(by_param, key=lambda p: order[by_param[p][0]]):
-            with self._gathered(params[pid]) as tensor:
-                yield by_param[pid], tensor
+            yield by_param[pid], params[pid]
         param_names = {n for names in by_param.values() for n in names}
         for name, buf in module.named_buffers():
             if name in key_set and name not in param_names:
                 yield [name], buf
+
+    def iter_weights(self) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """Yield ``(names, tensor)`` per parameter (in ``state_dict`` order), then per persistent buffer.
+
+        ``names`` lists every ``state_dict`` key of the tensor (tied weights, e.g. an LM head sharing the embedding,
+        appear once with both names). Under ZeRO-3 the tensor is gathered only while the consumer holds it: use it
+        (copy, broadcast) before advancing. A collective under ZeRO-3: every rank must iterate.
+        """
+        for names, tensor in self._weight_entries():
+            if isinstance(tensor, torch.nn.Parameter):
+                with self._gathered(tensor) as full:
+                    yield names, full
+            else:
+                yield names, tensor
+
+    def weight_manifest(self) -> list[list]:
+        """Names, full shapes and dtypes of what :meth:`iter_weights` yields, in order, without gathering anything."""
+        return [spec_of(names, t, getattr(t, "ds_shape", None)).as_list() for names, t in self._weight_entries()]
+
+    # ------------------------------------------------------------------------------------------ weight channel
+
+    def open_weight_channel(self, host: str, world_size: int, *, bucket_bytes: int, timeout_s: float,
+                            backend: str = "auto") -> dict[str, Any]:
+        """Host the channel's rendezvous on ``host`` and return its spec for the receivers (see ``join``).
+
+        ``backend`` ``auto``: NCCL when the learner computes on a GPU, else gloo.
+        """
+        if backend == "auto":
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self._close_channel()
+        self._channel_store, port = host_store(host, world_size, timeout_s)
+        spec = ChannelSpec(host=host, port=port, world_size=world_size, backend=backend, bucket_bytes=bucket_bytes,
+                           timeout_s=timeout_s, manifest=tuple(tuple(x) for x in self.weight_manifest()))
+        self._channel_spec = spec
+        return spec.as_dict()
+
+    @collective
+    def join_weight_channel(self) -> None:
+        """Rank 0 joins the channel opened by :meth:`open_weight_channel`; returns once every receiver joined."""
+        if self._channel_spec is None:
+            raise RuntimeError("join_weight_channel before open_weight_channel")
+        self._channel = WeightChannel(self._channel_spec, 0, store=self._channel_store)
+
+    @collective
+    def push_weights(self) -> dict[str, float]:
+        """Broadcast the current policy, bucket by bucket, to every receiver; returns the sync's stats."""
+        if self._channel is None:
+            raise RuntimeError("push_weights without a weight channel (open_weight_channel, join_weight_channel)")
+        return send(self._channel, self._version, self.iter_weights()).as_dict()
+
+    def _close_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+        self._channel_store = None
+        self._channel_spec = None
 
     def get_weights(self) -> tuple[int, dict[str, torch.Tensor]]:
         """``(version, state_dict)``: the current policy's full weights on the CPU, keyed like HF's ``state_dict``.
@@ -618,6 +675,7 @@ class Learner:
         if self._closed:
             return
         self._closed = True
+        self._close_channel()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.destroy()

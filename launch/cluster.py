@@ -20,6 +20,7 @@ from actors.reward import RewardActor
 from actors.rollout import RolloutWorker
 from eva_ray.config import Config
 from eva_ray.records import PromptRecord
+from launch import weight_sync
 from launch.group import RolloutGroup
 from launch.handles import ActorHandle, InlineActor, RayActor, gather
 
@@ -42,7 +43,12 @@ def actor_kwargs(cfg: Config, train: list[PromptRecord], run_dir: Path) -> dict[
         "rollout": dict(model_path=model_path, backend=r.backend, tokenizer_path=cfg.model.tokenizer,
                         dtype=cfg.model.dtype, temperature=r.temperature, top_p=r.top_p,
                         max_new_tokens=r.max_new_tokens, max_prompt_tokens=r.max_prompt_tokens, seed=cfg.run.seed,
-                        static_cache=r.static_cache, gpu_memory_utilization=r.gpu_memory_utilization),
+                        static_cache=r.static_cache, gpu_memory_utilization=r.gpu_memory_utilization,
+                        trust_remote_code=cfg.model.trust_remote_code, tensor_parallel_size=r.tensor_parallel_size,
+                        enforce_eager=r.enforce_eager, kv_cache_bytes=r.kv_cache_bytes, max_model_len=r.max_model_len,
+                        enable_chunked_prefill=r.enable_chunked_prefill,
+                        enable_prefix_caching=r.enable_prefix_caching, enable_sleep_mode=r.enable_sleep_mode,
+                        vllm_multiprocessing=r.vllm_multiprocessing),
         "reward": dict(backend=cfg.reward.backend, model=cfg.reward.model, function=cfg.reward.function,
                        trust_remote_code=cfg.reward.trust_remote_code, batch_size=cfg.reward.batch_size,
                        max_length=cfg.reward.max_length),
@@ -63,31 +69,61 @@ class System:
     learner: ActorHandle
     pad_token_id: int
     learner_version: int = 0
+    synced_version: int = 0
+    """The version the rollout group holds: a step that applied no update leaves the two equal, and needs no sync."""
     rollout_nodes: list[str] = field(default_factory=list)
     stop_ray: bool = False
+    sync_timeout_s: float = 300.0
 
-    def sync_weights(self) -> int:
-        version, weights = gather([self.learner.call("get_weights")])[0]
-        self.rollout.update_weights(weights, version)
-        return version
+    def connect_weights(self, cfg: Config, host: str) -> None:
+        """Open the weight channel between the learner (at ``host``) and every rollout worker."""
+        self.sync_timeout_s = cfg.learner.sync_timeout_s
+        weight_sync.connect(self.learner, self.rollout.workers, host,
+                            bucket_bytes=max(1, int(cfg.learner.sync_bucket_mb * (1 << 20))),
+                            timeout_s=cfg.learner.sync_timeout_s, backend=cfg.learner.sync_backend)
+
+    def sync_weights(self) -> dict[str, float]:
+        """Stream the learner's current weights to the rollout group over the channel; returns the sync's stats."""
+        stats = weight_sync.sync(self.learner, self.rollout.workers, self.learner_version, self.sync_timeout_s)
+        self.synced_version = int(stats["version"])
+        return stats
 
     def finish(self, run_dir: Path) -> dict[str, Any]:
-        """Wait briefly for in-flight evolving, save the buffer and the policy, and collect the end-of-run facts."""
-        still_running = gather([self.creator.call("drain", 30.0)])[0]
-        gather([self.creator.call("snapshot", str(run_dir / "buffer.json"))])
-        gather([self.learner.call("save", str(run_dir / "policy"))])
-        stats = gather([self.creator.call("stats")])[0]
-        records = gather([self.creator.call("buffer_records")])[0]
-        return {
+        """Wait briefly for in-flight evolving, save the buffer and the policy, and collect the end-of-run facts.
+
+        Every step is guarded: one that fails (a dead actor) is listed in ``finish_errors`` and the others still
+        run, so a dead creator does not cost the saved policy, and the run's own first error stays the one reported.
+        """
+        errors: list[str] = []
+
+        def ask(handle: ActorHandle, method: str, *args: Any, default: Any = None) -> Any:
+            try:
+                return gather([handle.call(method, *args)])[0]
+            except Exception as exc:  # noqa: BLE001 - recorded; the remaining steps must still run
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                errors.append(f"{handle.name}.{method}: {type(exc).__name__}: {first}"[:500])
+                return default
+
+        still_running = ask(self.creator, "drain", 30.0)
+        ask(self.creator, "snapshot", str(run_dir / "buffer.json"))
+        ask(self.learner, "save", str(run_dir / "policy"))
+        stats = ask(self.creator, "stats", default={"buffer": {}, "creator": {}})
+        records = ask(self.creator, "buffer_records", default=[])
+        final = {
             "buffer_by_generation_and_difficulty": _composition(records),
             "evolve_tasks_unfinished": still_running,
             "buffer": {k: v for k, v in stats["buffer"].items() if not k.endswith("_hist")},
             "creator": stats["creator"],
-            "provider": gather([self.creator.call("provider_stats")])[0],
+            "provider": ask(self.creator, "provider_stats", default={}),
             "learner_version": self.learner_version,
-            "weight_change": gather([self.learner.call("distance_from_reference")])[0],
             "rollout_nodes": self.rollout_nodes,
         }
+        weight_change = ask(self.learner, "distance_from_reference")
+        if weight_change is not None:
+            final["weight_change"] = weight_change
+        if errors:
+            final["finish_errors"] = errors
+        return final
 
     def shutdown(self) -> None:
         for handle in [self.creator, self.reward, self.learner, *self.rollout.workers]:
@@ -133,16 +169,31 @@ def start_system(cfg: Config, train: list[PromptRecord], run_dir: Path, *, inlin
     kwargs = actor_kwargs(cfg, train, run_dir)
     pad = _pad_token_id(cfg)
     if inline:
+        if cfg.rollout.backend == "vllm" and cfg.rollout.vllm_multiprocessing is None:
+            # An in-process vLLM engine sets up torch.distributed and the torch thread count for the whole process,
+            # which the learner shares when inline: keep the engine in processes of its own.
+            kwargs["rollout"]["vllm_multiprocessing"] = True
         n = cfg.resources.rollout.num_workers
         workers = [InlineActor(RolloutWorker(**kwargs["rollout"], worker_index=i), f"rollout-{i}") for i in range(n)]
-        return System(
+        system = System(
             creator=InlineActor(Creator(**kwargs["creator"]), "creator"),
             rollout=RolloutGroup(workers),
             reward=InlineActor(RewardActor(**kwargs["reward"]), "reward"),
             learner=InlineActor(Learner(**kwargs["learner"]), "learner"),
             pad_token_id=pad,
         )
+        _connect_or_shut_down(system, cfg, "127.0.0.1")
+        return system
     return _start_on_ray(cfg, kwargs, pad, echo)
+
+
+def _connect_or_shut_down(system: System, cfg: Config, host: str) -> None:
+    try:
+        system.connect_weights(cfg, host)
+    except BaseException as exc:
+        system.stop_ray = False  # the caller shuts a Ray it started down once
+        system.shutdown()
+        raise ClusterError(f"the weight channel could not be set up: {exc}") from exc
 
 
 def connect_ray(echo: Callable[[str], None] = print) -> bool:
@@ -207,7 +258,7 @@ def _place_actors(cfg: Config, kwargs: dict[str, dict[str, Any]], pad: int, echo
     ]
     system = System(
         creator=RayActor(remote(Creator, res.creator).remote(**kwargs["creator"]), "creator"),
-        rollout=RolloutGroup(workers, share=ray.put),
+        rollout=RolloutGroup(workers),
         reward=RayActor(remote(RewardActor, res.reward).remote(**kwargs["reward"]), "reward"),
         learner=RayActor(remote(Learner, res.learner).remote(**kwargs["learner"]), "learner"),
         pad_token_id=pad, rollout_nodes=nodes, stop_ray=started,
@@ -220,4 +271,7 @@ def _place_actors(cfg: Config, kwargs: dict[str, dict[str, Any]], pad: int, echo
             system.stop_ray = False  # the caller shuts Ray down once
             system.shutdown()
             raise ClusterError(f"the {handle.name} actor failed to start: {exc}") from exc
+    # The channel's rendezvous lives where the learner runs; every engine worker connects to that address.
+    host = ray.get(system.learner.handle.__ray_call__.remote(lambda actor: ray.util.get_node_ip_address()))
+    _connect_or_shut_down(system, cfg, host)
     return system

@@ -40,6 +40,7 @@ from launch.handles import gather
 from launch.metrics import MetricsLogger
 from launch.plots import write_plots
 from launch.progress import Progress
+from launch.signals import Terminated, reset as reset_signals, restore_sigterm, stop_on_sigterm
 
 
 class StalePolicyError(RuntimeError):
@@ -188,8 +189,12 @@ def run(cfg: Config, *, inline: bool = False, echo=print) -> RunSummary:
     logger = MetricsLogger(run_dir, project=cfg.logging.wandb_project, run_name=run_dir.name, config=to_dict(cfg),
                            mode_setting=cfg.logging.wandb_mode, jsonl=cfg.logging.jsonl)
     system = None
+    table_columns = ["step", "id", "parent_id", "operator", "generation", "info", "text"]
+    reset_signals()
+    previous_sigterm = stop_on_sigterm()  # SIGTERM is Ctrl-C from here on: outputs written, summary says so
     try:
         system = start_system(cfg, train, run_dir, inline=inline, echo=echo)
+        stop_on_sigterm()  # again: ray.init installs a handler of its own, which would skip all that
         evaluator = Evaluator(system, held_out, by_level=bool(cfg.world.name)) if held_out else None
         if evaluator and evaluator.by_level:
             summary.eval_start = evaluator.accuracy()
@@ -209,20 +214,25 @@ def run(cfg: Config, *, inline: bool = False, echo=print) -> RunSummary:
                 logger.log(step + 1, metrics)
             if cfg.creator.snapshot_every and (step + 1) % cfg.creator.snapshot_every == 0:
                 gather([system.creator.call("snapshot", str(run_dir / "buffer.json"))])
+                if not last:  # the table survives a crash; the run's end logs the last one below
+                    logger.table(step + 1, "creator/evolved_prompts", table_columns,
+                                 gather([system.creator.call("evolved_table")])[0])
             summary.steps_done = step + 1
             progress.update(step + 1, metrics)
-        logger.table(summary.steps_done, "creator/evolved_prompts",
-                     ["step", "id", "parent_id", "operator", "generation", "info", "text"],
+        logger.table(summary.steps_done, "creator/evolved_prompts", table_columns,
                      gather([system.creator.call("evolved_table")])[0])
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         summary.interrupted = True
-        echo("eva-ray: interrupted; saving what the run has and shutting down")
+        echo(f"eva-ray: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}; saving what the "
+             "run has and shutting down")
     except Exception as exc:
         summary.error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
         if system is not None:
             summary.final = system.finish(run_dir)
+            for problem in summary.final.get("finish_errors", []):
+                echo(f"eva-ray: could not finish one step: {problem}")
         summary.write(run_dir / "summary.json")
         logger.close(summary={"final": summary.final, "steps_done": summary.steps_done})
         if system is not None:
@@ -233,6 +243,7 @@ def run(cfg: Config, *, inline: bool = False, echo=print) -> RunSummary:
                 echo(f"eva-ray: plots {', '.join(p.name for p in plots)}")
             except Exception as exc:  # a plot is a convenience; the run's data is already safe on disk
                 echo(f"eva-ray: could not draw the plots ({type(exc).__name__}: {exc})")
+        restore_sigterm(previous_sigterm)
     for line in summary_lines(summary):
         echo(line)
     return summary
@@ -300,9 +311,13 @@ def one_step(cfg: Config, system: System, step: int, summary: RunSummary) -> dic
     train_metrics = gather([system.learner.call("train_step", collate(groups, result.rewards, system.pad_token_id))])[0]
     system.learner_version = int(train_metrics["train/version"])
     lap("train")
-    if (step + 1) % cfg.learner.sync_every == 0:
-        system.sync_weights()
+    sync: dict[str, float] = {}
+    # A step that applied no update (no reward spread, a non-finite loss) left the weights as the workers have them.
+    if (step + 1) % cfg.learner.sync_every == 0 and system.learner_version != system.synced_version:
+        stats = system.sync_weights()
         lap("sync")
+        sync = {"sync_bytes": stats["bytes"], "sync_buckets": stats["buckets"],
+                "sync_mb_per_s": stats["bytes"] / (1 << 20) / stats["seconds"] if stats["seconds"] > 0 else 0.0}
     creator_stats = gather([system.creator.call("stats")])[0]
     lap("stats")
     timing["step_s"] = sum(timing.values())
@@ -313,5 +328,6 @@ def one_step(cfg: Config, system: System, step: int, summary: RunSummary) -> dic
         "creator": creator_stats["creator"],
         "timing": timing | {k.removeprefix("timing/"): v for k, v in train_metrics.items()
                             if k.startswith("timing/")},
+        "perf": sync,
         "phase_name": creator_stats["phase_name"],
     }

@@ -1,0 +1,65 @@
+"""The driver's side of the weight channel: connect the learner to the rollout group once, then sync over it.
+
+The driver sends control calls only. Setting up asks every rollout worker how many channel ranks it needs (a vLLM
+engine with tensor parallelism t needs t), has the learner open the channel, and has everyone join at once. A sync
+is one call per actor: ``push_weights`` on the learner and ``receive_weights`` on every worker, started together;
+the weights themselves go from the learner straight to the engines over the channel.
+
+When a sync fails, every actor's outcome is collected before anything is raised, so the error names the actor that
+failed first-hand (a worker that died) rather than the learner that merely lost its peer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors.weight_channel import WeightSyncError
+from launch.handles import ActorHandle, gather, is_actor_death, settle
+
+# Beyond the channel's own timeout, how long the driver waits for the actors to report before calling one hung.
+_GRACE_S = 30.0
+
+
+def _raise_on_failure(names: list[str], outcomes: list[tuple[bool, Any]], what: str) -> list[Any]:
+    failed = [(name, exc) for name, (ok, exc) in zip(names, outcomes) if not ok]
+    if not failed:
+        return [value for _, value in outcomes]
+    # Deaths first: a dead worker is the cause, the learner's broken broadcast only the symptom.
+    failed.sort(key=lambda item: not is_actor_death(item[1]))
+    first_name, first = failed[0]
+    cause = "died" if is_actor_death(first) else "failed"
+    others = "; ".join(f"{name}: {type(exc).__name__}: {_short(exc)}" for name, exc in failed[1:])
+    raise WeightSyncError(f"{what}: {first_name} {cause} ({type(first).__name__}: {_short(first)})"
+                          + (f"; then {others}" if others else "")) from first
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def connect(learner: ActorHandle, workers: list[ActorHandle], host: str, *, bucket_bytes: int, timeout_s: float,
+            backend: str) -> dict[str, Any]:
+    """Open the channel on the learner at ``host`` and join every worker to it; returns the channel's spec."""
+    ranks = gather([w.call("channel_ranks") for w in workers])
+    spec = gather([learner.call("open_weight_channel", host, 1 + sum(ranks), bucket_bytes=bucket_bytes,
+                                timeout_s=timeout_s, backend=backend)])[0]
+    offsets = [1 + sum(ranks[:i]) for i in range(len(workers))]
+    futures = [learner.call("join_weight_channel")]
+    futures += [w.call("join_weight_channel", spec, offset) for w, offset in zip(workers, offsets)]
+    names = [learner.name] + [w.name for w in workers]
+    _raise_on_failure(names, settle(futures, timeout=timeout_s + _GRACE_S), "joining the weight channel")
+    return spec
+
+
+def sync(learner: ActorHandle, workers: list[ActorHandle], version: int, timeout_s: float) -> dict[str, float]:
+    """Push the learner's weights to every worker; returns the learner's sync stats. Raises naming the failed actor."""
+    futures = [learner.call("push_weights")] + [w.call("receive_weights") for w in workers]
+    names = [learner.name] + [w.name for w in workers]
+    stats, *versions = _raise_on_failure(names, settle(futures, timeout=timeout_s + _GRACE_S),
+                                         f"weight sync of version {version}")
+    wrong = {name: v for name, v in zip(names[1:], versions) if v != stats["version"] or v != version}
+    if wrong:
+        raise WeightSyncError(f"weight sync: the learner sent version {stats['version']} (expected {version}) but "
+                              f"workers report {wrong}")
+    return stats
