@@ -235,6 +235,13 @@ class LearnerConfig:
                              choices=("auto", "gloo", "nccl"))
     max_staleness: int = knob(1, "Most policy versions a rollout may lag behind the learner.", ge=0)
     checkpoint_every: int = knob(0, "Save the policy every N steps (0: only at the end).", ge=0)
+    offload_optimizer: bool = knob(False, "ZeRO 1-3: keep the fp32 master weights, gradients and AdamW state in "
+                                   "CPU memory (less GPU memory, slower steps).")
+    offload_params: bool = knob(False, "ZeRO-3: keep the bf16 parameter partitions in CPU memory and fetch them "
+                                "layer by layer.")
+    reference_placement: str = knob("learner", "Where the frozen reference model lives: sharded on the learner "
+                                    "ranks (under ZeRO-3; a full copy per rank otherwise), or a GPU actor of its own.",
+                                    choices=("learner", "actor"))
 
 
 @dataclass
@@ -266,6 +273,13 @@ class ResourcesConfig:
 
 
 @dataclass
+class ClusterConfig:
+    nodes: int = knob(1, "Nodes the run was made for (eva-ray plan checks the layout against them).", ge=1)
+    gpus_per_node: int = knob(0, "GPUs per node (0: a CPU-only run).", ge=0)
+    gpu_memory_gb: float = knob(80.0, "Memory of one GPU in GB (10^9 bytes).", gt=0)
+
+
+@dataclass
 class Config:
     """The whole run. Sections mirror the system's parts."""
 
@@ -281,6 +295,7 @@ class Config:
     learner: LearnerConfig = section(LearnerConfig, "The DeepSpeed learner: optimiser, schedule, weight sync.")
     logging: LoggingConfig = section(LoggingConfig, "wandb, metrics file, evaluation cadence, progress.")
     resources: ResourcesConfig = section(ResourcesConfig, "Actors and CPUs/GPUs per actor group.")
+    cluster: ClusterConfig = section(ClusterConfig, "The machines the run was made for (see eva-ray plan).")
 
 
 # ------------------------------------------------------------------------------------------------- cross-field rules
@@ -331,6 +346,10 @@ def _cross_field_problems(cfg: Config) -> list[str]:
     if cfg.resources.creator.num_workers != 1:
         problems.append(f"resources.creator.num_workers: {cfg.resources.creator.num_workers}; the creator owns "
                         "the buffer, so there is exactly one (allowed: 1)")
+    if cfg.learner.offload_params and cfg.learner.zero_stage != 3:
+        problems.append(f"learner.offload_params: needs learner.zero_stage 3, not {cfg.learner.zero_stage}")
+    if cfg.learner.offload_optimizer and cfg.learner.zero_stage == 0:
+        problems.append("learner.offload_optimizer: needs learner.zero_stage 1, 2 or 3, not 0")
     if cfg.solver.clip_eps is None and cfg.solver.updates_per_batch > 1:
         problems.append(f"solver.clip_eps: unset while solver.updates_per_batch is "
                         f"{cfg.solver.updates_per_batch}; several updates on one batch need ratio clipping")
