@@ -6,9 +6,13 @@
     eva-ray run --config configs/tiny.yaml --inline                 # the same without Ray
     eva-ray config --config configs/tiny.yaml creator.capacity=64   # print the resolved, validated config
     eva-ray config --reference > docs/config.md                     # every knob with its default and meaning
+    eva-ray plan --config F [--nodes N --gpus-per-node G --gpu-memory-gb M]   # where every actor goes, and
+                                                                    # whether each GPU's memory fits
     python -m launch config ...                                     # the same, without the console script
 
 Errors in a config print one line per problem (the dotted path, the bad value, what is allowed) and exit with 2.
+A layout that does not fit (``eva-ray plan``, and ``eva-ray run`` of a config that asks for GPUs) prints one line
+naming the overflow and exits with 1.
 """
 
 from __future__ import annotations
@@ -30,11 +34,44 @@ def _config_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_command(args: argparse.Namespace) -> int:
+    from launch.plan import PlanError, format_plan, make_plan, resolve_target
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        plan = make_plan(cfg, resolve_target(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                                             gpu_memory_gb=args.gpu_memory_gb))
+    except PlanError as exc:
+        print(f"eva-ray: plan does not fit: {exc}", file=sys.stderr)
+        return 1
+    print(format_plan(plan))
+    if not plan.fits:
+        print(f"eva-ray: plan does not fit: {plan.error_line()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_plan_before_run(cfg) -> int:
+    """A config that asks for GPUs is planned first (as ``eva-ray plan`` would); CPU-only configs skip this."""
+    from launch.plan import PlanError, check_plan, resolve_target, uses_gpus
+
+    if not uses_gpus(cfg):
+        return 0
+    try:
+        check_plan(cfg, resolve_target(cfg))
+    except PlanError as exc:
+        print(f"eva-ray: plan does not fit: {exc} (see `eva-ray plan`)", file=sys.stderr)
+        return 1
+    return 0
+
+
 DEFAULT_RUN = Path(__file__).with_name("default_run.yaml")
 
 
 def _run_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config or DEFAULT_RUN, args.overrides)
+    if not args.inline and _check_plan_before_run(cfg):
+        return 1
     from actors.creator import CreatorStarved, EvolveLLMError
     from eva_ray.data import DataError
     from launch import signals
@@ -70,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument("--inline", action="store_true", help="run every actor in this process, without Ray")
     go.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides")
     go.set_defaults(handler=_run_command)
+    plan = commands.add_parser("plan", help="place every actor and check each GPU's memory, without starting any")
+    plan.add_argument("--config", help="YAML config file")
+    plan.add_argument("--nodes", type=int, help="nodes of the target (default: cluster.nodes, or the Ray cluster "
+                                                "named by RAY_ADDRESS)")
+    plan.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: cluster.gpus_per_node)")
+    plan.add_argument("--gpu-memory-gb", type=float, help="memory of one GPU in GB (default: cluster.gpu_memory_gb)")
+    plan.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides")
+    plan.set_defaults(handler=_plan_command)
     return parser
 
 

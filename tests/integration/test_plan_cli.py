@@ -1,0 +1,67 @@
+"""`eva-ray plan` and the plan check of `eva-ray run`, as a user runs them: exit codes and the one-line error."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from eva_ray.config import load_config
+from launch.cli import _check_plan_before_run
+
+ROOT = Path(__file__).resolve().parents[2]
+RLOO = "configs/gemma2-9b-rloo-8xh100.yaml"
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "launch", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**environ, **(env or {})})
+
+
+def test_plan_prints_the_layout_and_exits_0_for_both_paper_configs():
+    for config in (RLOO, "configs/gemma2-9b-oaif-8xh100.yaml"):
+        out = cli("plan", "--config", config)
+        assert out.returncode == 0, out.stderr
+        assert "target: 1 node(s) x 8 GPU(s) x 80 GB (from config)" in out.stdout
+        assert "rollout-2    node 0, GPU 7" in out.stdout
+        assert out.stdout.rstrip().endswith("fits")
+
+
+def test_an_overflowing_layout_exits_1_with_one_line_naming_it():
+    out = cli("plan", "--config", RLOO, "resources.learner.num_workers=1")
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("eva-ray: plan does not fit: learner-0 on node 0 GPU 0 needs")
+    assert "GB over" in lines[0] and "optimizer" in lines[0]
+
+
+def test_flags_override_the_config_target_and_too_few_gpus_name_the_role():
+    out = cli("plan", "--config", RLOO, "--nodes", "1", "--gpus-per-node", "6")
+    assert out.returncode == 1
+    assert out.stderr.strip() == ("eva-ray: plan does not fit: rollout engine 1 needs 1 GPU(s) on one node and "
+                                  "none are left: the target has 6 GPU(s) (1 node(s)), already taken: learner 4, "
+                                  "reward 1, rollout 1")
+    big = cli("plan", "--config", RLOO, "resources.learner.num_workers=2", "--gpu-memory-gb", "141",
+              "--gpus-per-node", "6")
+    assert "(from command line)" in big.stdout and big.returncode == 0, big.stderr
+
+
+def test_a_bad_config_is_a_config_error_with_exit_2():
+    out = cli("plan", "--config", RLOO, "learner.offload_params=true", "learner.zero_stage=2")
+    assert out.returncode == 2
+    assert "learner.offload_params: needs learner.zero_stage 3" in out.stderr
+
+
+def test_run_refuses_a_gpu_config_that_does_not_fit_before_starting_anything():
+    out = cli("run", "--config", RLOO, "resources.learner.num_workers=1")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("eva-ray: plan does not fit: learner-0 on node 0 GPU 0")
+    assert "Ray" not in out.stdout  # no cluster was joined or started
+
+
+def test_run_skips_the_plan_on_cpu_only_configs():
+    # The CPU configs ask for no GPUs: nothing is planned, not even the model shapes are read.
+    for config in ("configs/tiny.yaml", "launch/default_run.yaml", "configs/smollm2-mtbench.yaml"):
+        assert _check_plan_before_run(load_config(ROOT / config, ["model.path=org/no-shape-anywhere"])) == 0
+    assert _check_plan_before_run(load_config(ROOT / RLOO, ["resources.learner.num_workers=1"])) == 1
