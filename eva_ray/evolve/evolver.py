@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_before_delay, wait_exponential_jitter
 
 from eva_ray.evolve.operators import STYLES, build_messages, choose_operators, get_style, validate_operators
 from eva_ray.evolve.validate import EvolveValidator
@@ -233,6 +232,11 @@ class Evolver:
 
     async def _call(self, messages: list[dict[str, str]], counts: EvolveCounts) -> str | BaseException:
         """One request, retried for passing causes; the answer, or the exception of its last attempt (counted)."""
+        # Imported here, not at module level: eva_ray.config imports this package, and the learner and rollout
+        # worker must import where tenacity is absent (the GPU machine of scripts/gpu_check.py).
+        from tenacity import (AsyncRetrying, retry_if_exception, stop_after_attempt, stop_before_delay,
+                              wait_exponential_jitter)
+
         async with self._semaphore():  # held over retries too: a rate-limited provider gets no more calls at once
             stop = stop_after_attempt(self.max_retries + 1)
             if self.deadline_s is not None:
