@@ -21,6 +21,49 @@ import threading
 import time
 from typing import Any, Protocol
 
+_DEFAULT_TIMEOUT_S: list[float | None] = [None]
+# "actor.method" of every call in flight, keyed by the call's future (inline) or its object id (Ray): a call that
+# times out or whose actor died is reported by name. Keyed by id so no entry keeps a Ray result alive.
+_LABELS: dict[Any, str] = {}
+
+
+class ActorTimeout(TimeoutError):
+    """A remote call did not answer within the driver's timeout (``run.call_timeout_s``): the actor is hung."""
+
+
+def set_call_timeout(seconds: float | None) -> None:
+    """The timeout :func:`gather` applies when its caller gives none (``None``: wait forever)."""
+    _DEFAULT_TIMEOUT_S[0] = seconds
+
+
+def call_timeout() -> float | None:
+    return _DEFAULT_TIMEOUT_S[0]
+
+
+def _key(future: Any) -> Any:
+    return future if isinstance(future, concurrent.futures.Future) else future.hex()
+
+
+def label_of(future: Any) -> str | None:
+    """``actor.method`` of a call started through :meth:`ActorHandle.call`, if known."""
+    return _LABELS.get(_key(future))
+
+
+def _label(future: Any, name: str, method: str) -> Any:
+    _LABELS[_key(future)] = f"{name}.{method}"
+    return future
+
+
+def _tag(exc: BaseException, label: str | None) -> BaseException:
+    """Record which call failed on the exception (``eva_call``: ``actor.method``; ``eva_actor``: the actor)."""
+    if label is not None and getattr(exc, "eva_call", None) is None:
+        try:
+            exc.eva_call = label  # type: ignore[attr-defined]
+            exc.eva_actor = label.split(".", 1)[0]  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):  # an exception type that refuses attributes keeps its own message
+            pass
+    return exc
+
 
 class ActorHandle(Protocol):
     name: str
@@ -52,16 +95,17 @@ class InlineActor:
     def call(self, method: str, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         fn = getattr(self.obj, method)
         if inspect.iscoroutinefunction(fn):
-            return asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._event_loop())
+            return _label(asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._event_loop()),
+                          self.name, method)
         if getattr(fn, "__eva_collective__", False):
             if self._collectives is None:  # one thread: an actor's collectives run in order, as in a Ray actor
                 self._collectives = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=self.name)
-            return self._collectives.submit(fn, *args, **kwargs)
+            return _label(self._collectives.submit(fn, *args, **kwargs), self.name, method)
         future: concurrent.futures.Future = concurrent.futures.Future()
         try:
             future.set_result(fn(*args, **kwargs))
         except BaseException as exc:  # surfaced by gather(), like a failed Ray task
-            future.set_exception(exc)
+            future.set_exception(_tag(exc, f"{self.name}.{method}"))
         return future
 
     def shutdown(self) -> None:
@@ -94,7 +138,7 @@ class RayActor:
         self.name = name
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.handle, method).remote(*args, **kwargs)
+        return _label(getattr(self.handle, method).remote(*args, **kwargs), self.name, method)
 
     def shutdown(self) -> None:
         import ray
@@ -135,11 +179,54 @@ def is_actor_death(exc: BaseException) -> bool:
 
 
 def gather(futures: list[Any], timeout: float | None = None) -> list[Any]:
-    """Wait for every future (inline or Ray) and return their results in order; the first failure raises."""
+    """Wait for every future (inline or Ray) and return their results in order; the first failure raises.
+
+    ``timeout`` defaults to :func:`set_call_timeout`'s; a call still running after it raises :class:`ActorTimeout`
+    naming the call. A failure carries ``eva_call`` / ``eva_actor`` (which call, which actor) when known.
+    """
     if not futures:
         return []
-    if isinstance(futures[0], concurrent.futures.Future):
-        return [f.result(timeout=timeout) for f in futures]
+    if timeout is None:
+        timeout = call_timeout()
+    labels = [label_of(f) for f in futures]
+    try:
+        if isinstance(futures[0], concurrent.futures.Future):
+            return _gather_inline(futures, labels, timeout)
+        return _gather_ray(futures, labels, timeout)
+    finally:
+        for future in futures:
+            _LABELS.pop(_key(future), None)
+
+
+def _gather_inline(futures: list[concurrent.futures.Future], labels: list[str | None],
+                   timeout: float | None) -> list[Any]:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    out = []
+    for future, label in zip(futures, labels):
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            out.append(future.result(timeout=left))
+        except concurrent.futures.TimeoutError:
+            raise ActorTimeout(f"{label or 'a call'} did not answer within {timeout:.0f}s (run.call_timeout_s): the "
+                               "actor is hung or far slower than expected") from None
+        except Exception as exc:
+            raise _tag(exc, label)
+    return out
+
+
+def _gather_ray(futures: list[Any], labels: list[str | None], timeout: float | None) -> list[Any]:
     import ray
 
-    return ray.get(list(futures), timeout=timeout)
+    refs = list(futures)
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    if pending:
+        late = ", ".join(sorted({labels[refs.index(r)] or "a call" for r in pending}))
+        raise ActorTimeout(f"{late} did not answer within {timeout:.0f}s (run.call_timeout_s): the actor is hung or "
+                           "far slower than expected")
+    out = []
+    for ref, label in zip(refs, labels):
+        try:
+            out.append(ray.get(ref))
+        except Exception as exc:
+            raise _tag(exc, label)
+    return out
