@@ -33,6 +33,7 @@ trains the stop decision) and has ``finish_reason="stop"``; one cut by ``max_new
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -295,7 +296,13 @@ class _HFBackend:
         # Refuse a learner whose policy this model cannot hold before any sync is attempted.
         self.names.check_shapes({name: s.shape for s in channel_spec.specs() for name in s.names},
                                 "the learner's weight manifest")
+        self.leave_weight_channel()
         self._channel = WeightChannel(channel_spec, rank_offset)
+
+    def leave_weight_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
     @torch.no_grad()
     def receive_weights(self) -> int:
@@ -318,9 +325,7 @@ class _HFBackend:
         pass
 
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        self.leave_weight_channel()
 
 
 # ------------------------------------------------------------------------------------------------------------ worker
@@ -419,6 +424,10 @@ class RolloutWorker:
         """
         self._engine.join_weight_channel(spec, rank_offset)
 
+    def leave_weight_channel(self) -> None:
+        """Leave the current weight channel (before the group rebuilds it around a restarted worker). Idempotent."""
+        self._engine.leave_weight_channel()
+
     @collective
     def receive_weights(self) -> int:
         """Receive one sync from the learner (which runs ``push_weights`` meanwhile) and adopt its version."""
@@ -450,10 +459,18 @@ class RolloutWorker:
         self._check_version(version)
         self._version = version
 
+    def resume_calls(self, calls: int) -> None:
+        """Continue the per-call seed sequence at ``calls`` (a resumed run samples what the uninterrupted one would)."""
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+            raise ValueError(f"calls must be an integer >= 0, got {calls!r}")
+        self._calls = calls
+
     def stats(self) -> dict[str, float]:
         """Running totals (prompts, responses, tokens generated, truncated prompts, finish reasons, syncs) and the
-        speed of the last call (``tokens_per_s``, ``last_call_s``, ``last_sync_s``)."""
-        return {**self._totals, **self._last, "calls": self._calls, "policy_version": self._version}
+        speed of the last call (``tokens_per_s``, ``last_call_s``, ``last_sync_s``), and the worker's ``pid`` (a
+        restarted worker has a new one)."""
+        return {**self._totals, **self._last, "calls": self._calls, "policy_version": self._version,
+                "pid": os.getpid()}
 
     def sleep(self, level: int = 1) -> None:
         """vLLM: release GPU memory between rollouts (needs ``enable_sleep_mode``). HF: nothing to do."""

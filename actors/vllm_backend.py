@@ -81,6 +81,7 @@ class VLLMChannelWorker:
         spec_obj = ChannelSpec.from_dict(spec)
         rank = rank_offset + int(self.rank)  # type: ignore[attr-defined]
         device = getattr(self, "device", None) if spec_obj.backend == "nccl" else None
+        self.eva_leave_weight_channel()  # a rebuilt channel (a peer restarted) replaces the old one
         self._eva_channel = WeightChannel(spec_obj, rank, device=device)
         return rank
 
@@ -197,6 +198,9 @@ class VLLMBackend:
 
     def join_weight_channel(self, spec: dict[str, Any], rank_offset: int) -> None:
         self.llm.collective_rpc("eva_join_weight_channel", args=(spec, rank_offset))
+
+    def leave_weight_channel(self) -> None:
+        self.llm.collective_rpc("eva_leave_weight_channel")
 
     def receive_weights(self) -> int:
         versions = self.llm.collective_rpc("eva_receive_weights")

@@ -4,6 +4,7 @@
     eva-ray run --config configs/tiny.yaml solver.algorithm=oaif     # one online eva run (local Ray, or the
                                                                     # cluster of `ray job submit`)
     eva-ray run --config configs/tiny.yaml --inline                 # the same without Ray
+    eva-ray run --resume runs/tiny-20260101-120000                  # continue a run from its last checkpoint
     eva-ray config --config configs/tiny.yaml creator.capacity=64   # print the resolved, validated config
     eva-ray config --reference > docs/config.md                     # every knob with its default and meaning
     eva-ray plan --config F [--nodes N --gpus-per-node G --gpu-memory-gb M]   # where every actor goes, and
@@ -69,22 +70,30 @@ DEFAULT_RUN = Path(__file__).with_name("default_run.yaml")
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config or DEFAULT_RUN, args.overrides)
+    if args.resume:  # the run's own config, unless another is named (it must then agree, see launch/checkpoint.py)
+        cfg = load_config(args.config or Path(args.resume) / "config.yaml", args.overrides)
+    else:
+        cfg = load_config(args.config or DEFAULT_RUN, args.overrides)
     if not args.inline and _check_plan_before_run(cfg):
         return 1
     from actors.creator import CreatorStarved, EvolveLLMError
     from eva_ray.data import DataError
     from launch import signals
     from eva_ray.packaged_models import PackagedModelUnavailable
+    from actors.weight_channel import WeightSyncError
+    from launch.checkpoint import ResumeError
     from launch.cluster import ClusterError
     from launch.driver import StalePolicyError, run
+    from launch.handles import ActorTimeout
+    from launch.recovery import ActorLost
 
     try:
-        summary = run(cfg, inline=args.inline)
-    except (DataError, PackagedModelUnavailable) as exc:
+        summary = run(cfg, inline=args.inline, resume=args.resume)
+    except (DataError, PackagedModelUnavailable, ResumeError) as exc:
         print(f"eva-ray: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    except (ClusterError, CreatorStarved, EvolveLLMError, StalePolicyError) as exc:
+    except (ClusterError, CreatorStarved, EvolveLLMError, StalePolicyError, ActorLost, ActorTimeout,
+            WeightSyncError) as exc:
         # Known ways a run can stop: one clear line; the run directory already holds what was written.
         print(f"eva-ray: run stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -105,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument("--config", help="YAML config file (default: the chain_sum proving ground, "
                                      "launch/default_run.yaml)")
     go.add_argument("--inline", action="store_true", help="run every actor in this process, without Ray")
+    go.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint (its own "
+                                                        "config; only run.total_steps, run.call_timeout_s and "
+                                                        "logging.* may be overridden)")
     go.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides")
     go.set_defaults(handler=_run_command)
     plan = commands.add_parser("plan", help="place every actor and check each GPU's memory, without starting any")

@@ -30,16 +30,18 @@ from typing import Any
 import numpy as np
 
 from eva_ray.batching import collate
-from eva_ray.config import Config, to_dict, to_yaml
+from eva_ray.config import Config, from_dict, read_yaml, to_dict, to_yaml
 from eva_ray.data import load_seed_prompts, split_seed_set
 from eva_ray.records import PromptRecord
 from eva_ray.tiny import resolve_model_path
 from eva_ray.worlds import get_world
+from launch import checkpoint
 from launch.cluster import System, start_system
-from launch.handles import gather
+from launch.handles import gather, set_call_timeout
 from launch.metrics import MetricsLogger
 from launch.plots import write_plots
 from launch.progress import Progress
+from launch.recovery import ActorLost, Restarts, WorkerRestarted, lost_line, resume_command as _resume_command
 from launch.signals import Terminated, reset as reset_signals, restore_sigterm, stop_on_sigterm
 
 
@@ -61,6 +63,12 @@ class RunSummary:
     final: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
     error: str | None = None
+    restarts: dict[str, int] = field(default_factory=dict)
+    """Rollout workers and reward actors Ray restarted during the run (each retried its step's call)."""
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    """The last checkpoint written: step, path, seconds, bytes."""
+    resumed_from: list[int] = field(default_factory=list)
+    """The checkpoint step of every ``--resume`` of this run directory."""
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(self.__dict__, indent=2, default=str))
@@ -126,18 +134,23 @@ class Evaluator:
     a tie 0.5). In a world, also the accuracy of greedy answers by difficulty level (a reward of 1 is a solve).
     """
 
-    def __init__(self, system: System, prompts: list[PromptRecord], *, by_level: bool) -> None:
+    def __init__(self, system: System, prompts: list[PromptRecord], *, by_level: bool,
+                 restarts: Restarts | None = None, initial: list[str] | None = None) -> None:
         self.system = system
         self.prompts = prompts
         self.by_level = by_level
-        self.initial = self._answers() if prompts else []
+        self._call = restarts.call if restarts is not None else (lambda what, fn: fn())
+        # A resumed run brings the initial policy's answers from its checkpoint.
+        self.initial = initial if initial is not None else (self._answers() if prompts else [])
 
     def _answers(self) -> list[str]:
-        return [group[0].text for group in self.system.rollout.generate(self.prompts, 1)]
+        return [group[0].text for group in self._call("evaluation", lambda: self.system.rollout.generate(
+            self.prompts, 1))]
 
     def accuracy(self) -> dict[str, float]:
-        groups = self.system.rollout.generate(self.prompts, 1, greedy=True)
-        result = gather([self.system.reward.call("score", self.prompts, [[g[0].text] for g in groups])])[0]
+        groups = self._call("evaluation", lambda: self.system.rollout.generate(self.prompts, 1, greedy=True))
+        result = self._call("evaluation", lambda: gather([self.system.reward.call(
+            "score", self.prompts, [[g[0].text] for g in groups])])[0])
         solved = np.array([row[0] == 1.0 for row in result.rewards], dtype=float)
         levels = np.array([p.meta.get("difficulty", 0) for p in self.prompts])
         out = {"accuracy": float(solved.mean())}
@@ -148,7 +161,8 @@ class Evaluator:
     def evaluate(self) -> dict[str, float]:
         current = self._answers()
         # hard: a win is 1, a loss 0 and a tie (equal rewards, e.g. both answers right) 0.5.
-        wins = gather([self.system.reward.call("compare", self.prompts, current, self.initial, hard=True)])[0]
+        wins = self._call("evaluation", lambda: gather([self.system.reward.call(
+            "compare", self.prompts, current, self.initial, hard=True)])[0])
         out = {"win_rate": float(np.mean(wins)), "n_prompts": len(self.prompts)}
         if self.by_level:
             out.update(self.accuracy())
@@ -177,32 +191,82 @@ def with_world_defaults(cfg: Config) -> Config:
     return cfg
 
 
-def run(cfg: Config, *, inline: bool = False, echo=print) -> RunSummary:
-    """Run online eva for ``cfg.run.total_steps`` steps; everything the run makes lands in its run directory."""
+def _resume_point(cfg: Config, resume: str | Path) -> tuple[Path, Path, dict[str, Any]]:
+    """(run directory, its last checkpoint, the driver's state there); the config must equal the saved one."""
+    run_dir = Path(resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise checkpoint.ResumeError(f"{run_dir} is not a run directory (no config.yaml)")
+    saved = to_dict(from_dict(read_yaml(run_dir / "config.yaml")))
+    path = checkpoint.check_resumable(run_dir, saved, to_dict(cfg))
+    return run_dir, path, json.loads((path / checkpoint.DRIVER_STATE).read_text())
+
+
+def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | None = None) -> RunSummary:
+    """Run online eva for ``cfg.run.total_steps`` steps; everything the run makes lands in its run directory.
+
+    ``resume``: a run directory to continue from its last checkpoint (``eva-ray run --resume RUN_DIR``).
+    """
     cfg = with_world_defaults(with_resolved_models(cfg))
     train, held_out, data_report = load_prompts(cfg)
-    run_dir = make_run_dir(cfg)
+    saved: dict[str, Any] = {}
+    ckpt_path: Path | None = None
+    if resume is not None:
+        run_dir, ckpt_path, saved = _resume_point(cfg, resume)
+        echo(f"eva-ray: resuming {run_dir} from its checkpoint at step {saved['step']}")
+    else:
+        run_dir = make_run_dir(cfg)
+        echo(f"eva-ray: run directory {run_dir}")
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    echo(f"eva-ray: run directory {run_dir}")
     echo(f"eva-ray: seed set {data_report}; {len(train)} for training, {len(held_out)} held out")
     summary = RunSummary(run_dir=str(run_dir))
+    if saved:
+        summary = RunSummary(**{**saved["summary"], "run_dir": str(run_dir)})
+        summary.resumed_from.append(saved["step"])
     logger = MetricsLogger(run_dir, project=cfg.logging.wandb_project, run_name=run_dir.name, config=to_dict(cfg),
-                           mode_setting=cfg.logging.wandb_mode, jsonl=cfg.logging.jsonl)
+                           mode_setting=cfg.logging.wandb_mode, jsonl=cfg.logging.jsonl,
+                           resume_id=saved.get("wandb_id"), resume_step=saved.get("step"))
+    set_call_timeout(cfg.run.call_timeout_s)  # every call the driver waits on: a hung actor is reported
     system = None
+    evaluator = None
+    restarts: Restarts | None = None
+    last_checkpoint: int | None = saved.get("step")
+    at_boundary = False  # between two steps: the actors' states agree with summary.steps_done
     table_columns = ["step", "id", "parent_id", "operator", "generation", "info", "text"]
     reset_signals()
     previous_sigterm = stop_on_sigterm()  # SIGTERM is Ctrl-C from here on: outputs written, summary says so
+
+    def save_checkpoint(step: int) -> None:
+        nonlocal last_checkpoint
+        state = {"summary": dataclasses.asdict(summary), "wandb_id": logger.run_id,
+                 "eval_initial": evaluator.initial if evaluator else None}
+        info = checkpoint.save(system, run_dir, step, state, keep=cfg.learner.keep_checkpoints)
+        summary.checkpoint = info
+        last_checkpoint = step
+        if info["seconds"]:
+            echo(f"eva-ray: checkpoint of step {step}: {info['bytes'] / 1e6:.1f} MB in {info['seconds']:.2f}s")
+
     try:
         system = start_system(cfg, train, run_dir, inline=inline, echo=echo)
         stop_on_sigterm()  # again: ray.init installs a handler of its own, which would skip all that
-        evaluator = Evaluator(system, held_out, by_level=bool(cfg.world.name)) if held_out else None
-        if evaluator and evaluator.by_level:
+        restarts = Restarts(system, max_restarts=cfg.resources.max_restarts, echo=echo,
+                            ready_timeout_s=cfg.run.call_timeout_s)
+        restarts.counts.update(summary.restarts)
+        if ckpt_path is not None:
+            _, resumed = checkpoint.restore(system, ckpt_path)
+            echo(f"eva-ray: restored step {saved['step']} (policy version {system.learner_version}); evolve "
+                 f"requests in flight at the checkpoint: {resumed['reissued']} issued again, {resumed['lost']} lost")
+        if held_out:
+            evaluator = Evaluator(system, held_out, by_level=bool(cfg.world.name), restarts=restarts,
+                                  initial=saved.get("eval_initial") if saved else None)
+        if evaluator and evaluator.by_level and not saved:
             summary.eval_start = evaluator.accuracy()
             logger.log(0, {"eval": summary.eval_start})  # step 0 of the learning curve: the initial policy
             echo(f"eva-ray: held-out accuracy before training {_levels(summary.eval_start)}")
         progress = Progress(cfg.run.total_steps, enabled=cfg.logging.progress, echo=echo)
-        for step in range(cfg.run.total_steps):
-            metrics = one_step(cfg, system, step, summary)
+        at_boundary = True
+        for step in range(summary.steps_done, cfg.run.total_steps):
+            at_boundary = False
+            metrics = one_step(cfg, system, step, summary, restarts)
             summary.phases.append(metrics.pop("phase_name"))
             last = step + 1 == cfg.run.total_steps
             if evaluator and ((cfg.logging.eval_every and (step + 1) % cfg.logging.eval_every == 0) or last):
@@ -210,6 +274,9 @@ def run(cfg: Config, *, inline: bool = False, echo=print) -> RunSummary:
                 metrics["eval"] = evaluator.evaluate()
                 metrics["timing"]["eval_s"] = time.perf_counter() - t0
                 summary.eval = metrics["eval"]
+            summary.restarts = dict(restarts.counts)
+            for group, values in restarts.metrics().items():
+                metrics.setdefault(group, {}).update(values)
             if (step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.run.total_steps:
                 logger.log(step + 1, metrics)
             if cfg.creator.snapshot_every and (step + 1) % cfg.creator.snapshot_every == 0:
@@ -218,14 +285,30 @@ def run(cfg: Config, *, inline: bool = False, echo=print) -> RunSummary:
                     logger.table(step + 1, "creator/evolved_prompts", table_columns,
                                  gather([system.creator.call("evolved_table")])[0])
             summary.steps_done = step + 1
+            at_boundary = True
+            if cfg.learner.checkpoint_every and (step + 1) % cfg.learner.checkpoint_every == 0 and not last:
+                save_checkpoint(step + 1)
             progress.update(step + 1, metrics)
+        save_checkpoint(summary.steps_done)
         logger.table(summary.steps_done, "creator/evolved_prompts", table_columns,
                      gather([system.creator.call("evolved_table")])[0])
     except KeyboardInterrupt as exc:
         summary.interrupted = True
         echo(f"eva-ray: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}; saving what the "
              "run has and shutting down")
+        if system is not None and at_boundary and summary.steps_done and summary.steps_done != last_checkpoint:
+            try:
+                save_checkpoint(summary.steps_done)
+            except Exception as problem:  # noqa: BLE001 - the outputs below matter more; the last one stands
+                echo(f"eva-ray: could not write a checkpoint at step {summary.steps_done}: {problem}")
+        if last_checkpoint is not None:
+            echo(f"eva-ray: the last checkpoint is step {last_checkpoint}; resume with: "
+                 f"{_resume_command(run_dir)}")
     except Exception as exc:
+        line = lost_line(exc, str(run_dir), last_checkpoint)
+        if line is not None:
+            summary.error = f"ActorLost: {line}"
+            raise ActorLost(line) from exc
         summary.error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
@@ -287,8 +370,14 @@ def summary_lines(summary: RunSummary) -> list[str]:
     return lines
 
 
-def one_step(cfg: Config, system: System, step: int, summary: RunSummary) -> dict[str, Any]:
-    """One step of online eva; returns its metrics (namespaced: train/, rollout/, buffer/, creator/, timing/)."""
+def one_step(cfg: Config, system: System, step: int, summary: RunSummary,
+             restarts: Restarts | None = None) -> dict[str, Any]:
+    """One step of online eva; returns its metrics (namespaced: train/, rollout/, buffer/, creator/, timing/).
+
+    With ``restarts``, a rollout worker or the reward actor that dies during its call is waited for (Ray restarts
+    it), resynced, and the call retried.
+    """
+    retry = restarts.call if restarts is not None else (lambda what, fn: fn())
     timing: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -300,11 +389,19 @@ def one_step(cfg: Config, system: System, step: int, summary: RunSummary) -> dic
 
     batch = gather([system.creator.call("next_batch", step)])[0]
     lap("next_batch")
-    groups = system.rollout.generate(batch.prompts, cfg.solver.n_responses)
+
+    def generate():
+        out = system.rollout.generate(batch.prompts, cfg.solver.n_responses)
+        if system.synced_version > 0 and min(r.policy_version for g in out for r in g) < system.synced_version:
+            raise WorkerRestarted("a rollout came from the starting policy after a sync")  # a silent restart
+        return out
+
+    groups = retry("generate", generate)
     lap("generate")
     summary.max_staleness_seen = max(summary.max_staleness_seen,
                                      check_staleness(groups, system.learner_version, cfg.learner.max_staleness))
-    result = gather([system.reward.call("score", batch.prompts, [[r.text for r in g] for g in groups])])[0]
+    result = retry("reward", lambda: gather([system.reward.call("score", batch.prompts,
+                                                                 [[r.text for r in g] for g in groups])])[0])
     lap("reward")
     gather([system.creator.call("report", step, result.rewards)])
     lap("report")
@@ -314,10 +411,13 @@ def one_step(cfg: Config, system: System, step: int, summary: RunSummary) -> dic
     sync: dict[str, float] = {}
     # A step that applied no update (no reward spread, a non-finite loss) left the weights as the workers have them.
     if (step + 1) % cfg.learner.sync_every == 0 and system.learner_version != system.synced_version:
-        stats = system.sync_weights()
+        # After a restart the recovery itself resynced: nothing left to send.
+        stats = retry("weight sync", lambda: system.sync_weights() if system.synced_version != system.learner_version
+                      else {"bytes": 0, "buckets": 0, "seconds": 0.0})
         lap("sync")
         sync = {"sync_bytes": stats["bytes"], "sync_buckets": stats["buckets"],
-                "sync_mb_per_s": stats["bytes"] / (1 << 20) / stats["seconds"] if stats["seconds"] > 0 else 0.0}
+                "sync_mb_per_s": stats["bytes"] / (1 << 20) / stats["seconds"] if stats["seconds"] > 0 else 0.0,
+                **({"sync_verified": stats["verified"]} if "verified" in stats else {})}
     creator_stats = gather([system.creator.call("stats")])[0]
     lap("stats")
     timing["step_s"] = sum(timing.values())

@@ -53,14 +53,36 @@ def flatten(metrics: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def keep_until(path: Path, step: int) -> int:
+    """Cut ``metrics.jsonl`` back to the lines of steps up to ``step`` (a resumed run logs the later ones again);
+    a line torn by a crash mid-write goes too. Atomic; returns the lines kept."""
+    if not path.exists():
+        return 0
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get(STEP_KEY, 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(kept)
+
+
 class MetricsLogger:
     """Writes every logged step to ``metrics.jsonl`` and (unless disabled) to wandb."""
 
     def __init__(self, run_dir: str | Path, *, project: str, run_name: str, config: dict[str, Any],
-                 mode_setting: str = "auto", jsonl: bool = True) -> None:
+                 mode_setting: str = "auto", jsonl: bool = True, resume_id: str | None = None,
+                 resume_step: int | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.run_dir / "metrics.jsonl"
+        if resume_step is not None:
+            keep_until(self.jsonl_path, resume_step)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8") if jsonl else None
         self.mode = wandb_mode(mode_setting)
         self._wandb = None
@@ -69,10 +91,17 @@ class MetricsLogger:
             import wandb
 
             self._wandb = wandb
+            # A resumed run continues the same wandb run (its id from the checkpoint).
+            resume = dict(id=resume_id, resume="allow") if resume_id else {}
             self._run = wandb.init(project=project, name=run_name, dir=str(self.run_dir), mode=self.mode,
-                                   config=config, reinit="finish_previous")
+                                   config=config, reinit="finish_previous", **resume)
             self._run.define_metric(STEP_KEY)
             self._run.define_metric("*", step_metric=STEP_KEY)
+
+    @property
+    def run_id(self) -> str | None:
+        """The wandb run's id (what a resumed run passes back as ``resume_id``); None without wandb."""
+        return None if self._run is None else self._run.id
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         flat = flatten(metrics)

@@ -5,6 +5,9 @@ engine with tensor parallelism t needs t), has the learner open the channel, and
 is one call per actor: ``push_weights`` on the learner and ``receive_weights`` on every worker, started together;
 the weights themselves go from the learner straight to the engines over the channel.
 
+When a rollout worker dies and Ray restarts it, :func:`reconnect` builds a new channel with everyone in it (a new
+process cannot join a gloo group that already exists).
+
 When a sync fails, every actor's outcome is collected before anything is raised, so the error names the actor that
 failed first-hand (a worker that died) rather than the learner that merely lost its peer.
 """
@@ -29,8 +32,11 @@ def _raise_on_failure(names: list[str], outcomes: list[tuple[bool, Any]], what: 
     first_name, first = failed[0]
     cause = "died" if is_actor_death(first) else "failed"
     others = "; ".join(f"{name}: {type(exc).__name__}: {_short(exc)}" for name, exc in failed[1:])
-    raise WeightSyncError(f"{what}: {first_name} {cause} ({type(first).__name__}: {_short(first)})"
-                          + (f"; then {others}" if others else "")) from first
+    error = WeightSyncError(f"{what}: {first_name} {cause} ({type(first).__name__}: {_short(first)})"
+                            + (f"; then {others}" if others else ""))
+    error.eva_actor = first_name  # type: ignore[attr-defined]  # read by the driver's restart handling
+    error.eva_died = is_actor_death(first)  # type: ignore[attr-defined]
+    raise error from first
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:
@@ -50,6 +56,18 @@ def connect(learner: ActorHandle, workers: list[ActorHandle], host: str, *, buck
     names = [learner.name] + [w.name for w in workers]
     _raise_on_failure(names, settle(futures, timeout=timeout_s + _GRACE_S), "joining the weight channel")
     return spec
+
+
+def reconnect(learner: ActorHandle, workers: list[ActorHandle], host: str, *, bucket_bytes: int,
+              timeout_s: float, backend: str) -> dict[str, Any]:
+    """Build the channel again after a worker restarted: a new process cannot join the old group.
+
+    Every surviving worker leaves its old channel, the learner opens a new one (closing its own), and all join it.
+    """
+    names = [w.name for w in workers]
+    _raise_on_failure(names, settle([w.call("leave_weight_channel") for w in workers], timeout=timeout_s + _GRACE_S),
+                      "leaving the old weight channel")
+    return connect(learner, workers, host, bucket_bytes=bucket_bytes, timeout_s=timeout_s, backend=backend)
 
 
 def sync(learner: ActorHandle, workers: list[ActorHandle], version: int, timeout_s: float) -> dict[str, float]:
