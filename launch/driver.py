@@ -45,6 +45,10 @@ from launch.recovery import ActorLost, Restarts, WorkerRestarted, lost_line, res
 from launch.signals import Terminated, reset as reset_signals, restore_sigterm, stop_on_sigterm
 
 
+# After an actor died or hung, how long each of the run's closing calls (snapshot, policy, stats) may take.
+_FINISH_TIMEOUT_S = 120.0
+
+
 class StalePolicyError(RuntimeError):
     """A rollout came from a policy older than ``learner.max_staleness`` versions."""
 
@@ -308,6 +312,8 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
         line = lost_line(exc, str(run_dir), last_checkpoint)
         if line is not None:
             summary.error = f"ActorLost: {line}"
+            # What is left to write must not wait the full timeout again on an actor that is gone or hung.
+            set_call_timeout(min(_FINISH_TIMEOUT_S, cfg.run.call_timeout_s))
             raise ActorLost(line) from exc
         summary.error = f"{type(exc).__name__}: {exc}"
         raise
@@ -327,6 +333,7 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
             except Exception as exc:  # a plot is a convenience; the run's data is already safe on disk
                 echo(f"eva-ray: could not draw the plots ({type(exc).__name__}: {exc})")
         restore_sigterm(previous_sigterm)
+        set_call_timeout(None)
     for line in summary_lines(summary):
         echo(line)
     return summary

@@ -37,16 +37,16 @@ def kill(handle) -> int:
     return pid
 
 
-def kill_before_step(monkeypatch, step: int, victim):
-    """Kill ``victim(system)``'s process with SIGKILL just before the driver starts step ``step``."""
+def kill_before_step(monkeypatch, victims: dict):
+    """Kill the process of ``victims[k](system)`` with SIGKILL just before the driver starts step ``k``."""
     import launch.driver as driver
 
     real = driver.one_step
     killed = []
 
     def one_step(cfg, system, k, summary, restarts=None):
-        if k == step and not killed:
-            killed.append(kill(victim(system).handle))
+        if k in victims and k not in [step for step, _ in killed]:
+            killed.append((k, kill(victims[k](system).handle)))
         return real(cfg, system, k, summary, restarts)
 
     monkeypatch.setattr(driver, "one_step", one_step)
@@ -58,17 +58,21 @@ def metrics(run_dir: Path) -> list[dict]:
     return [r for r in rows if "train/skipped" in r]
 
 
-def test_a_rollout_worker_killed_mid_run_is_restarted_and_the_run_completes(tmp_path, monkeypatch):
+def test_a_rollout_worker_and_the_reward_actor_killed_mid_run_are_restarted_and_the_run_completes(tmp_path,
+                                                                                                 monkeypatch):
     from launch.driver import run
 
-    killed = kill_before_step(monkeypatch, 3, lambda system: system.rollout.workers[1])
+    killed = kill_before_step(monkeypatch, {3: lambda system: system.rollout.workers[1],
+                                            5: lambda system: system.reward})
     summary = run(config(tmp_path, "resources.rollout.num_workers=2"), echo=print)
-    assert killed
-    assert summary.steps_done == 8 and summary.error is None and summary.restarts["rollout"] == 1
+    assert [step for step, _ in killed] == [3, 5]
+    assert summary.steps_done == 8 and summary.error is None
+    assert summary.restarts == {"rollout": 1, "reward": 1}
     run_dir = Path(summary.run_dir)
     rows = metrics(run_dir)
     assert [r["train/global_step"] for r in rows] == list(range(1, 9))
     assert [r["rollout/restarts"] for r in rows] == [0, 0, 0] + [1] * 5  # killed before step index 3
+    assert [r["reward/restarts"] for r in rows] == [0] * 5 + [1] * 3
     # After the restart every worker held the learner's policy again: no rollout lagged past the bound.
     assert summary.max_staleness_seen <= 1
     assert json.loads((run_dir / "summary.json").read_text())["restarts"]["rollout"] == 1
@@ -79,7 +83,7 @@ def test_a_killed_learner_stops_the_run_with_the_resume_line_and_resume_finishes
     from launch.recovery import ActorLost
 
     cfg = config(tmp_path)
-    killed = kill_before_step(monkeypatch, 5, lambda system: system.learner)
+    killed = kill_before_step(monkeypatch, {5: lambda system: system.learner})
     with pytest.raises(ActorLost) as info:
         run(cfg, echo=print)
     assert killed
@@ -98,3 +102,23 @@ def test_a_killed_learner_stops_the_run_with_the_resume_line_and_resume_finishes
     assert resumed.steps_done == 8 and resumed.error is None and resumed.resumed_from == [4]
     assert [r["train/global_step"] for r in metrics(run_dir)] == list(range(1, 9))
     assert resumed.final["learner_version"] == 8  # skip_zero_advantage off: every step applied one update
+
+
+def test_a_killed_creator_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from launch.driver import run
+    from launch.recovery import ActorLost
+
+    killed = kill_before_step(monkeypatch, {3: lambda system: system.creator})
+    with pytest.raises(ActorLost) as info:
+        run(config(tmp_path), echo=print)
+    assert killed
+    (run_dir,) = Path(tmp_path).glob("chain-sum-*")
+    line = str(info.value)
+    assert line.startswith("the creator actor died") and "the last checkpoint is step 2" in line
+    assert line.endswith(f"run --resume {run_dir}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps_done"] == 3 and summary["error"] == f"ActorLost: {line}"
+    # The learner was alive: its policy is saved; the buffer snapshot of step 2 and the checkpoint stay.
+    assert (run_dir / "policy" / "config.json").is_file() and (run_dir / "buffer.json").is_file()
+    assert (run_dir / "checkpoints" / "step-00000002" / "driver.json").is_file()
+    assert any(p.startswith("creator.") for p in summary["final"]["finish_errors"])
