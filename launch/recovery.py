@@ -48,6 +48,17 @@ def dead_actor(exc: BaseException) -> str | None:
     return None
 
 
+def _in_chain(exc: BaseException, cls: type) -> BaseException | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, cls):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def resume_command(run_dir: str) -> str:
     """How this run is resumed: the console script, or ``python -m launch`` (as under ``ray job submit``)."""
     main = sys.argv[0] if sys.argv else ""
@@ -58,8 +69,9 @@ def resume_command(run_dir: str) -> str:
 def lost_line(exc: BaseException, run_dir: str, last_checkpoint: int | None) -> str | None:
     """The one line that stops a run whose learner or creator died or whose actor hung (None: another error)."""
     name = dead_actor(exc)
-    if isinstance(exc, ActorTimeout):
-        what = str(exc)
+    timeout = _in_chain(exc, ActorTimeout)
+    if timeout is not None:  # also behind a learner group's LearnerRankError
+        what = str(timeout)
     elif name is not None:
         what = f"the {name} actor died ({type(exc).__name__})"
     else:

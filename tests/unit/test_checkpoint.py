@@ -89,3 +89,18 @@ def test_a_ray_address_nothing_answers_on_is_one_clear_line(tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("eva-ray:")]
     assert errors == [errors[0]] and "no Ray cluster answers at RAY_ADDRESS=127.0.0.1:9" in errors[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_stop_line_names_the_hung_call_even_behind_another_error_and_says_how_to_resume(tmp_path):
+    from launch.recovery import lost_line
+
+    try:
+        try:
+            raise ActorTimeout("learner-1.train_step did not answer within 5s (run.call_timeout_s): hung")
+        except ActorTimeout as inner:
+            raise RuntimeError("learner-1 failed in train_step") from inner
+    except RuntimeError as outer:
+        line = lost_line(outer, str(tmp_path), 12)
+    assert line.startswith("learner-1.train_step did not answer within 5s")
+    assert "; the last checkpoint is step 12; resume with: " in line and line.endswith(f"run --resume {tmp_path}")
+    assert lost_line(ValueError("a bug"), str(tmp_path), 12) is None
