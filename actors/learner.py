@@ -63,10 +63,11 @@ from typing import Any
 import torch
 
 from actors.weight_channel import ChannelSpec, WeightChannel, collective, host_store, send
-from eva_ray.batching import TrainBatch, groups_with_spread, micro_batches, right_pad, select_pairs, share
+from eva_ray.batching import TrainBatch, groups_with_spread, micro_batches, right_pad, select_pairs, share_units
 from eva_ray.config import LearnerConfig, ModelConfig, SolverConfig
 from eva_ray.losses import entropy_from_logits, get_policy_loss, kl_estimate, masked_mean, token_logprobs
-from eva_ray.weights import spec_of
+from eva_ray.metrics import reduce_rank_metrics
+from eva_ray.weights import fingerprint, spec_of
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LR_SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
@@ -220,6 +221,20 @@ def _load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool) -> t
     return model
 
 
+def _make_optimizer(groups: list[dict[str, Any]], cfg: LearnerConfig) -> torch.optim.Optimizer:
+    """AdamW: torch's, or DeepSpeed's CPU Adam when the optimizer state is offloaded.
+
+    With ``offload_optimizer`` the update runs on the CPU, where torch's AdamW would cost seconds per billion
+    parameters; DeepSpeed's SIMD CPU Adam is the one ZeRO-Offload is built for. It compiles a C++ extension the
+    first time (about a minute, needs g++ and ninja), which is why nothing else uses it.
+    """
+    if cfg.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.lr, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases and norm gains (1-D tensors), as usual for transformers."""
     decay, no_decay = [], []
@@ -288,12 +303,16 @@ class Learner:
         deepspeed = _import_deepspeed(requested)
         self._deepspeed = deepspeed
         self._owns_group = _acquire_process_group(deepspeed, requested)
+        self._rank = torch.distributed.get_rank()
+        self._world = torch.distributed.get_world_size()
         dtype = DTYPES[model.dtype]
         ds_config = self._ds_config(dtype)
 
         self._hf_ds_config: Any = None
         try:
-            self.reference = self._load_reference(model.reference or model_path, dtype)
+            self.reference = None
+            if learner.zero_stage < 3:
+                self.reference = self._load_reference(model.reference or model_path, dtype)
             # ZeRO-3: HfDeepSpeedConfig must exist before from_pretrained so the policy is built under zero.Init and
             # loaded straight into partitions. transformers holds it by weakref only, so self keeps it; once the
             # engine exists the global is unset again, so models loaded later in this process (an inline rollout
@@ -303,11 +322,18 @@ class Learner:
 
                 self._hf_ds_config = HfDeepSpeedConfig(ds_config)
                 _GROUP["zero3"] += 1
+                # The reference is partitioned over the ranks like the policy (an inference-only engine), never a
+                # full copy per rank.
+                reference = self._load_reference(model.reference or model_path, dtype)
+                if reference is not None:
+                    self.reference = deepspeed.initialize(model=reference,
+                                                          config=self._reference_ds_config(ds_config))[0]
+                    self.reference.eval()
             policy = _load_causal_lm(model_path, dtype, model.trust_remote_code)
             if learner.gradient_checkpointing:
                 policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self._logits_to_keep = "logits_to_keep" in _forward_parameters(policy)
-            optimizer = torch.optim.AdamW(_param_groups(policy, learner.weight_decay), lr=learner.lr)
+            optimizer = _make_optimizer(_param_groups(policy, learner.weight_decay), learner)
             self._scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lr_multiplier(learner.lr_schedule, self.total_updates, learner.warmup_ratio))
             self._client_optimizer = optimizer
@@ -324,20 +350,34 @@ class Learner:
         # Train mode (gradient checkpointing only runs in it); with dropout at 0 it computes what eval mode does.
         self.engine.train()
         self.device: torch.device = torch.device(self.engine.device)
-        if self.reference is not None:
+        if self.reference is not None and self.cfg.zero_stage < 3:
             self.reference.to(self.device)
 
     def _load_reference(self, path: str, dtype: torch.dtype) -> torch.nn.Module | None:
         """The frozen reference model, or None when the loss never reads it (RLOO with ``beta == 0``).
 
-        A plain replicated module in eval mode without gradients. It is loaded *before* any HfDeepSpeedConfig
-        exists: while one is alive, every from_pretrained in the process builds a ZeRO-3-partitioned model, which
-        only a DeepSpeed engine can run.
+        Under ZeRO 0-2 a plain replicated module in eval mode without gradients, loaded *before* any
+        HfDeepSpeedConfig exists (while one is alive, every from_pretrained in the process builds a
+        ZeRO-3-partitioned model, which only a DeepSpeed engine can run). Under ZeRO-3 it is loaded while one is
+        alive and wrapped in an inference engine, so it is partitioned over the ranks.
         """
         if self.solver.algorithm == "rloo" and self.solver.beta == 0:
             return None
         reference = _load_causal_lm(path, dtype, self.model_cfg.trust_remote_code)
         return reference.requires_grad_(False).eval()
+
+    def _zero_config(self) -> dict[str, Any]:
+        zero: dict[str, Any] = {"stage": self.cfg.zero_stage}
+        if self.cfg.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if self.cfg.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        return zero
+
+    @staticmethod
+    def _reference_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
+        """The policy's DeepSpeed config for an engine that only runs forward passes (no optimizer, no clipping)."""
+        return {k: v for k, v in ds_config.items() if k not in ("gradient_clipping", "zero_allow_untested_optimizer")}
 
     def _ds_config(self, dtype: torch.dtype) -> dict[str, Any]:
         return {
@@ -346,7 +386,7 @@ class Learner:
             # already weighted by its share of the batch, and the boundary is set by hand on the last one.
             "gradient_accumulation_steps": 1,
             "gradient_clipping": self.cfg.grad_clip,
-            "zero_optimization": {"stage": self.cfg.zero_stage},
+            "zero_optimization": self._zero_config(),
             "bf16": {"enabled": dtype == torch.bfloat16, "check_grad_overflow": True},
             "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0},
             "zero_allow_untested_optimizer": True,
@@ -390,9 +430,15 @@ class Learner:
         return lp, ent
 
     @torch.no_grad()
-    def _batch_logprobs(self, model: Callable[..., Any], micros: list[TrainBatch], width: int,
+    def _batch_logprobs(self, model: Callable[..., Any], micros: list[TrainBatch], width: int, n_micro: int,
                         with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """No-grad log-probs (and entropies) of the whole batch, micro-batch by micro-batch, as ``[B, R]``."""
+        """No-grad log-probs (and entropies) of the whole batch, micro-batch by micro-batch, as ``[B, R]``.
+
+        Passes past this rank's own micro-batches (up to ``n_micro``) repeat its first one and are dropped: under
+        ZeRO-3 every forward gathers parameters with the other ranks, so all ranks run the same number.
+        """
+        for _ in range(len(micros), n_micro):
+            self._logprobs(model, micros[0])
         lps, ents = [], []
         for mb in micros:
             lp, ent = self._logprobs(model, mb, with_entropy)
@@ -412,7 +458,7 @@ class Learner:
 
     # ------------------------------------------------------------------------------------------ train step
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, *, padding_only: bool = False) -> dict[str, float]:
         """Train on one batch (see the module docstring); returns ``train/*`` and ``timing/*`` metrics.
 
         Always present: ``train/skipped`` (1 when no update was applied), ``train/nonfinite_loss``,
@@ -422,38 +468,52 @@ class Learner:
         ``timing/learner_s``. After a forward pass also ``train/loss``, ``train/kl``, ``train/entropy``,
         ``train/grad_norm`` and the loss's own stats (RLOO: ``advantage_std``, ``clip_fraction``, ...; OAIF:
         ``n_pairs``, ``rewards_margin``, ``rewards_accuracy``, ...), all at the weights before the step.
+
+        With several ranks each gets its share of whole prompt groups (``launch/learner_group.py``); a rank left
+        without any gets one group to compute on with ``padding_only=True``, which contributes nothing. Every
+        decision (skip, a non-finite loss) is taken together, every rank runs as many micro-batches as the busiest
+        (ZeRO-3's gathers must line up), losses are weighted by their share of the *global* batch, and the returned
+        metrics are the global ones, the same on every rank.
         """
         if self._closed:
             raise RuntimeError("train_step on a closed learner")
         start = time.perf_counter()
         s = self.solver
-        spread = groups_with_spread(batch.rewards)
-        finite = torch.isfinite(batch.rewards)
+        real = not padding_only
+        spread = groups_with_spread(batch.rewards) & real
+        finite = torch.isfinite(batch.rewards) & real
         staleness = (self._version - batch.policy_versions).float()
         metrics: dict[str, float] = {
             "train/lr": self.lr,
             "train/spread_fraction": spread.float().mean().item(),
             "train/reward_mean": batch.rewards[finite].mean().item() if finite.any() else float("nan"),
             "train/staleness_mean": staleness.mean().item(),
-            "train/staleness_max": staleness.max().item(),
+            "train/staleness_max": staleness.max().item() if real else 0.0,
             "train/skipped": 1.0, "train/nonfinite_loss": 0.0, "train/nonfinite_grad": 0.0, "train/updates": 0.0,
             "train/tokens": 0.0, "train/sequences": 0.0,
         }
-        if not spread.any() and (s.skip_zero_advantage or s.algorithm == "oaif"):
+        weights = {"prompts": float(batch.num_prompts * real), "rewards": float(finite.sum()),
+                   "sequences": float(batch.num_sequences * real), "units": 0.0}
+        if not self._any_rank(bool(spread.any())) and (s.skip_zero_advantage or s.algorithm == "oaif"):
             # Nothing in the rewards to learn from. The schedule still advances, so the LR stays keyed to the
             # driver's step count rather than to the number of batches that happened to carry a signal.
             self._advance_schedule(s.updates_per_batch)
-            return self._finish(metrics, start)
+            return self._finish(metrics, weights, start)
 
         full = (select_pairs(batch) if s.algorithm == "oaif" else batch).to(self.device)
         unit = "group" if s.algorithm == "oaif" else s.aggregation
         micros = micro_batches(full, self.cfg.micro_batch_size)
+        # A padding rank computes on its filler group like any other, but with nothing of its own to weigh.
+        local_units = share_units(full, unit) if real else 0.0
+        global_units = self._sum_ranks(local_units)
+        weights["units"] = local_units
+        n_micro = int(self._max_ranks(float(len(micros))))
         width = full.response_width
         mask = full.response_token_mask
-        metrics["train/tokens"] = float(full.num_response_tokens)
-        metrics["train/sequences"] = float(full.num_sequences)
+        metrics["train/tokens"] = float(full.num_response_tokens) * real
+        metrics["train/sequences"] = float(full.num_sequences) * real
         t0 = time.perf_counter()
-        ref = self._batch_logprobs(self.reference, micros, width)[0] if self.reference is not None else None
+        ref = self._batch_logprobs(self.reference, micros, width, n_micro)[0] if self.reference is not None else None
         metrics["timing/learner_ref_s"] = time.perf_counter() - t0
 
         old: torch.Tensor | None = None
@@ -461,7 +521,7 @@ class Learner:
         for update in range(s.updates_per_batch):
             # No-grad pass at the weights this update starts from: old log-probs (first update), full-batch stats,
             # and the NaN check of the exact loss the micro-batches are about to differentiate.
-            current, entropy = self._batch_logprobs(self.engine, micros, width, with_entropy=update == 0)
+            current, entropy = self._batch_logprobs(self.engine, micros, width, n_micro, with_entropy=update == 0)
             if update == 0:
                 old = current
                 metrics["train/entropy"] = masked_mean(entropy, mask).item()
@@ -470,11 +530,12 @@ class Learner:
                 metrics.update({f"train/{k}": v.item() for k, v in stats.items()})
                 if "kl" not in stats and ref is not None:  # OAIF's stats carry no KL; drift is worth watching
                     metrics["train/kl"] = masked_mean(kl_estimate(current, ref, s.kl_estimator), mask).item()
-            if not torch.isfinite(loss):
+            if self._any_rank(real and not bool(torch.isfinite(loss))):
                 metrics["train/nonfinite_loss"] += 1.0
                 self._advance_schedule(s.updates_per_batch - update)
                 break
-            applied, grad_norm, nonfinite_micro = self._update(full, micros, ref, old, unit)
+            scale = self._world / global_units if real and global_units else 0.0
+            applied, grad_norm, nonfinite_micro = self._update(full, micros, ref, old, unit, n_micro, scale)
             metrics["train/nonfinite_loss"] += nonfinite_micro
             grad_norms.append(grad_norm)
             if not applied:
@@ -486,32 +547,42 @@ class Learner:
         if grad_norms:
             metrics["train/grad_norm"] = grad_norms[0]
         metrics["train/skipped"] = float(metrics["train/updates"] == 0)
-        return self._finish(metrics, start)
+        return self._finish(metrics, weights, start)
 
     def _update(self, full: TrainBatch, micros: list[TrainBatch], ref: torch.Tensor | None,
-                old: torch.Tensor | None, unit: str) -> tuple[bool, float, int]:
-        """One optimizer update over all micro-batches; ``(applied, grad norm before clipping, nonfinite losses)``."""
+                old: torch.Tensor | None, unit: str, n_micro: int, scale: float) -> tuple[bool, float, int]:
+        """One optimizer update over all micro-batches; ``(applied, grad norm before clipping, nonfinite losses)``.
+
+        Each micro-batch's mean loss is weighted by ``scale * (its units)``: with ``scale = world / global units``
+        the gradients DeepSpeed averages over the ranks sum to the global batch's. Micro-batches past this rank's
+        own (up to ``n_micro``, the busiest rank's count) repeat its first one with weight 0.
+        """
         engine = self.engine
         nonfinite = 0
-        row = 0
-        for k, mb in enumerate(micros):
-            rows = slice(row, row + mb.num_sequences)
-            row += mb.num_sequences
+        offsets = [0]
+        for mb in micros:
+            offsets.append(offsets[-1] + mb.num_sequences)
+        for k in range(n_micro):
+            mine = k < len(micros)
+            mb = micros[k] if mine else micros[0]
+            rows = slice(offsets[k], offsets[k + 1]) if mine else slice(0, mb.num_sequences)
             r = mb.response_width
             # Gradients are reduced and partitioned (ZeRO 2/3) at the boundary; only the last micro-batch is one.
-            engine.set_gradient_accumulation_boundary(k == len(micros) - 1)
+            engine.set_gradient_accumulation_boundary(k == n_micro - 1)
             lp, _ = self._logprobs(engine, mb)
             loss, _ = self._loss(lp, ref[rows, :r] if ref is not None else None,
                                  old[rows, :r] if (old is not None and self._use_ratio) else None, mb)
+            weight = scale * share_units(mb, unit) if mine else 0.0
             # A non-finite loss here would mean the forward is not deterministic (the no-grad pass saw a finite
             # one). It is still back-propagated: the gradient-norm check below then refuses the step, which keeps
             # the engine's accumulation state consistent where skipping one backward would not.
-            nonfinite += int(not torch.isfinite(loss))
-            # scale_wrt_gas=False: the share already is the accumulation weight (and gradient_accumulation_steps
-            # is 1 anyway).
-            engine.backward(loss * share(mb, full, unit), scale_wrt_gas=False)
+            nonfinite += int(mine and weight > 0 and not torch.isfinite(loss))
+            # scale_wrt_gas=False: the weight already is the accumulation weight (and gradient_accumulation_steps
+            # is 1 anyway). A zero-weight filler pass still runs backward, so every rank reduces together.
+            engine.backward(loss * weight if weight else loss.nan_to_num() * 0.0, scale_wrt_gas=False)
         if self.cfg.zero_stage == 0:
-            # ZeRO-0 hands the plain torch optimizer the gradients as they are: check them here.
+            # ZeRO-0 hands the plain torch optimizer the gradients as they are (already averaged over the ranks
+            # at the boundary): check them here.
             grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
             norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
             if not math.isfinite(norm):
@@ -525,14 +596,36 @@ class Learner:
         norm = engine.get_global_grad_norm()
         return bool(engine.was_step_applied()), float(norm) if norm is not None else float("nan"), nonfinite
 
+    # ------------------------------------------------------------------------------------- across the ranks
+
+    def _reduce(self, value: float, op: Any) -> float:
+        if self._world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t, op=op)
+        return float(t.item())
+
+    def _any_rank(self, flag: bool) -> bool:
+        return self._reduce(float(flag), torch.distributed.ReduceOp.MAX) > 0
+
+    def _max_ranks(self, value: float) -> float:
+        return self._reduce(value, torch.distributed.ReduceOp.MAX)
+
+    def _sum_ranks(self, value: float) -> float:
+        return self._reduce(value, torch.distributed.ReduceOp.SUM)
+
     def _advance_schedule(self, updates: int) -> None:
         for _ in range(updates):
             self._scheduler.step()
 
-    def _finish(self, metrics: dict[str, float], start: float) -> dict[str, float]:
+    def _finish(self, metrics: dict[str, float], weights: dict[str, float], start: float) -> dict[str, float]:
         metrics["train/version"] = float(self._version)
         metrics["timing/learner_s"] = time.perf_counter() - start
-        return metrics
+        if self._world == 1:
+            return metrics
+        gathered: list[Any] = [None] * self._world
+        torch.distributed.all_gather_object(gathered, (metrics, weights))
+        return reduce_rank_metrics(gathered)
 
     # ---------------------------------------------------------------------------------------------- weights
 
@@ -578,6 +671,10 @@ class Learner:
             else:
                 yield names, tensor
 
+    def weights_fingerprint(self) -> list[float]:
+        """:func:`eva_ray.weights.fingerprint` of what :meth:`iter_weights` yields (a collective under ZeRO-3)."""
+        return fingerprint(tensor for _, tensor in self.iter_weights())
+
     def weight_manifest(self) -> list[list]:
         """Names, full shapes and dtypes of what :meth:`iter_weights` yields, in order, without gathering anything."""
         return [spec_of(names, t, getattr(t, "ds_shape", None)).as_list() for names, t in self._weight_entries()]
@@ -609,6 +706,11 @@ class Learner:
     @collective
     def push_weights(self) -> dict[str, float]:
         """Broadcast the current policy, bucket by bucket, to every receiver; returns the sync's stats."""
+        if self._rank != 0:
+            # ZeRO-3 gathers each parameter from every rank: the other ranks take part, rank 0 sends.
+            for _ in self.iter_weights():
+                pass
+            return {"version": self._version, "buckets": 0, "bytes": 0, "seconds": 0.0}
         if self._channel is None:
             raise RuntimeError("push_weights without a weight channel (open_weight_channel, join_weight_channel)")
         return send(self._channel, self._version, self.iter_weights()).as_dict()
@@ -648,12 +750,14 @@ class Learner:
         reference = self.reference
         if reference is None:
             reference = _load_causal_lm(self.model_path, DTYPES[self.model_cfg.dtype], self.model_cfg.trust_remote_code)
-        ref_params = dict(reference.named_parameters(remove_duplicate=False))
+        module = getattr(reference, "module", reference)  # the ZeRO-3 reference is an engine
+        ref_params = dict(module.named_parameters(remove_duplicate=False))
         total = 0.0
         for names, tensor in self.iter_weights():
             ref = ref_params.get(names[0])
             if ref is not None:
-                total += (tensor.float() - ref.detach().to(tensor.device).float()).square().sum().item()
+                with self._gathered(ref) as full:
+                    total += (tensor.float() - full.detach().to(tensor.device).float()).square().sum().item()
         return math.sqrt(total)
 
     def save(self, path: str) -> None:
@@ -668,6 +772,61 @@ class Learner:
         AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=self.model_cfg.trust_remote_code
                                       ).save_pretrained(path)
 
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, path: str) -> dict[str, Any]:
+        """Write a resumable checkpoint to the folder ``path``: weights, optimizer, LR schedule (DeepSpeed's own
+        ``save_checkpoint``), and the version and RNG state (``learner.json``, written by rank 0 only).
+
+        A collective: every rank calls it with the same ``path`` (a folder all ranks can reach). Returns the version
+        saved and the bytes rank 0 sees under ``path``.
+        """
+        if self._closed:
+            raise RuntimeError("save_checkpoint on a closed learner")
+        import json
+        from pathlib import Path
+
+        folder = Path(path)
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if rank0:
+            folder.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(folder), tag=_CHECKPOINT_TAG, save_latest=False)
+        if rank0:
+            state = {"version": self._version, "torch_rng": _b64(torch.get_rng_state()),
+                     "cuda_rng": _b64(torch.cuda.get_rng_state()) if self.device.type == "cuda" else None}
+            tmp = folder / (_LEARNER_STATE + ".tmp")
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, folder / _LEARNER_STATE)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no rank reports the checkpoint written before rank 0's state is there
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if rank0 else 0
+        return {"version": self._version, "bytes": size}
+
+    def load_checkpoint(self, path: str) -> int:
+        """Continue from a checkpoint :meth:`save_checkpoint` wrote (into a learner built with the same config).
+
+        A collective, like saving. Restores weights, optimizer and LR schedule and the version; returns the version.
+        """
+        if self._closed:
+            raise RuntimeError("load_checkpoint on a closed learner")
+        import json
+        from pathlib import Path
+
+        folder = Path(path)
+        state_file = folder / _LEARNER_STATE
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{folder} is not a learner checkpoint (no {_LEARNER_STATE})")
+        load_path, _ = self.engine.load_checkpoint(str(folder), tag=_CHECKPOINT_TAG, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {folder} (tag {_CHECKPOINT_TAG})")
+        state = json.loads(state_file.read_text())
+        self._version = int(state["version"])
+        torch.set_rng_state(_unb64(state["torch_rng"]))
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(_unb64(state["cuda_rng"]))
+        return self._version
+
     # ----------------------------------------------------------------------------------------------- close
 
     def close(self) -> None:
@@ -677,8 +836,9 @@ class Learner:
         self._closed = True
         self._close_channel()
         engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.destroy()
+        for owned in (engine, self.reference):
+            if owned is not None and hasattr(owned, "destroy"):  # DeepSpeed engines (the ZeRO-3 reference is one)
+                owned.destroy()
         self.engine = None  # type: ignore[assignment]
         self.reference = None
         self._client_optimizer = None  # type: ignore[assignment]
@@ -703,3 +863,19 @@ def _forward_parameters(model: torch.nn.Module) -> set[str]:
     import inspect
 
     return set(inspect.signature(model.forward).parameters)
+
+
+_CHECKPOINT_TAG = "deepspeed"
+_LEARNER_STATE = "learner.json"
+
+
+def _b64(tensor: torch.Tensor) -> str:
+    import base64
+
+    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(text: str) -> torch.Tensor:
+    import base64
+
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)

@@ -48,6 +48,7 @@ from actors.vllm_backend import VLLM_MISSING, VLLMBackend
 from actors.weight_channel import ChannelSpec, WeightChannel, collective, receive
 from eva_ray.records import PromptRecord
 from eva_ray.rollouts import Rollout
+from eva_ray.weights import TensorSpec, fingerprint
 
 BACKENDS: tuple[str, ...] = ("hf", "vllm")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -291,6 +292,10 @@ class _HFBackend:
     def channel_ranks(self) -> int:
         return 1
 
+    def weights_fingerprint(self, manifest: list[list]) -> list[float]:
+        specs = [TensorSpec.from_list(item) for item in manifest]
+        return fingerprint(self._targets[spec.names[0]] for spec in specs)
+
     def join_weight_channel(self, spec: dict[str, Any], rank_offset: int) -> None:
         channel_spec = ChannelSpec.from_dict(spec)
         # Refuse a learner whose policy this model cannot hold before any sync is attempted.
@@ -437,6 +442,13 @@ class RolloutWorker:
         self._totals["syncs"] += 1
         self._last["last_sync_s"] = time.perf_counter() - start
         return version
+
+    def weights_fingerprint(self, manifest: list[list]) -> list[float]:
+        """The fingerprint of this worker's weights, tensor by tensor in the learner's ``manifest`` order (HF only:
+        vLLM holds them fused and repacked)."""
+        if self.backend_name != "hf":
+            raise NotImplementedError("weights_fingerprint: only the hf backend keeps the learner's tensor layout")
+        return self._engine.weights_fingerprint(manifest)
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         """Replace the policy's weights with a state dict this process holds, and adopt ``version``.

@@ -30,9 +30,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from eva_ray.losses import select_preference_pairs
-from eva_ray.rollouts import Rollout
+from eva_ray.rollouts import Rollout, shard
 
 __all__ = ["SHARE_UNITS", "TrainBatch", "collate", "groups_with_spread", "micro_batches", "right_pad",
+           "share_units", "split_groups",
            "select_pairs", "share"]
 
 SHARE_UNITS: tuple[str, ...] = ("sequence", "token", "group")
@@ -250,6 +251,17 @@ def micro_batches(batch: TrainBatch, size: int) -> list[TrainBatch]:
             for start in range(0, batch.num_prompts, per)]
 
 
+def share_units(batch: TrainBatch, unit: str) -> float:
+    """How many loss units ``batch`` holds: sequences, valid response tokens, or prompt groups (see :func:`share`)."""
+    if unit == "sequence":
+        return float(batch.num_sequences)
+    if unit == "token":
+        return float(batch.num_response_tokens)
+    if unit == "group":
+        return float(batch.num_prompts)
+    raise ValueError(f"unknown share unit {unit!r}; allowed: {list(SHARE_UNITS)}")
+
+
 def share(micro: TrainBatch, full: TrainBatch, unit: str) -> float:
     """The weight of ``micro``'s mean loss in the full batch's mean loss.
 
@@ -262,17 +274,20 @@ def share(micro: TrainBatch, full: TrainBatch, unit: str) -> float:
         loss = sum_k (|U_k| / |U|) * mean_{u in U_k} l_u,
 
     so accumulating ``share * micro_loss`` gives the full-batch loss and gradient exactly. This stops being exact
-    for anything normalised over the whole batch (advantage whitening), which the learner does not use.
+    for anything normalised over the whole batch (advantage whitening), which the learner does not use. The same
+    holds across learner ranks, each holding whole groups, with ``|U|`` summed over the ranks.
     """
-    if unit == "sequence":
-        num, den = micro.num_sequences, full.num_sequences
-    elif unit == "token":
-        num, den = micro.num_response_tokens, full.num_response_tokens
-    elif unit == "group":
-        num, den = micro.num_prompts, full.num_prompts
-    else:
-        raise ValueError(f"unknown share unit {unit!r}; allowed: {list(SHARE_UNITS)}")
-    return num / den if den else 0.0
+    den = share_units(full, unit)
+    return share_units(micro, unit) / den if den else 0.0
+
+
+def split_groups(batch: TrainBatch, parts: int) -> list[TrainBatch | None]:
+    """Whole prompt groups in ``parts`` contiguous shares whose sizes differ by at most one (None: no group left).
+
+    How the driver hands a batch to the learner ranks: a group never straddles two ranks, so every per-group loss
+    stays whole, and :func:`share` with units summed over the ranks keeps the sum of the ranks' losses exact.
+    """
+    return [batch.select_groups(part) if part else None for part in shard(range(batch.num_prompts), parts)]
 
 
 def right_pad(x: torch.Tensor, width: int, value: float = 0.0) -> torch.Tensor:

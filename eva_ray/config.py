@@ -60,6 +60,8 @@ class RunConfig:
     seed: int = knob(42, "Seed for every random choice of the run (data order, sampling, evolve operators).")
     output_dir: str = knob("runs", "Where run directories (metrics, buffer snapshots, checkpoints) are written.")
     total_steps: int = knob(100, "Learner steps (minibatches) to run.", ge=1)
+    call_timeout_s: float = knob(1800.0, "Longest the driver waits for any one actor call (a step, a checkpoint) "
+                                 "before it reports the actor as hung and stops the run.", gt=0)
 
 
 @dataclass
@@ -231,10 +233,16 @@ class LearnerConfig:
     sync_every: int = knob(1, "Push the learner's weights to the rollout workers every N steps.", ge=1)
     sync_bucket_mb: float = knob(64.0, "Weight sync: MiB per broadcast bucket (a larger tensor goes alone).", gt=0)
     sync_timeout_s: float = knob(300.0, "Weight sync: how long a rank waits for its peers before failing.", gt=0)
+    verify_sync: bool = knob(False, "After every weight sync, check each worker's weights against the learner's "
+                                    "(fingerprints; HF rollout backend only). A debugging aid: it costs a pass "
+                                    "over the weights on every actor.")
     sync_backend: str = knob("auto", "Weight channel backend (auto: NCCL when the learner is on a GPU, else gloo).",
                              choices=("auto", "gloo", "nccl"))
     max_staleness: int = knob(1, "Most policy versions a rollout may lag behind the learner.", ge=0)
-    checkpoint_every: int = knob(0, "Save the policy every N steps (0: only at the end).", ge=0)
+    checkpoint_every: int = knob(0, "Write a resumable checkpoint (learner, creator, driver) every N steps and at "
+                                 "the end (0: only at the end); `eva-ray run --resume RUN_DIR` continues from the "
+                                 "last.", ge=0)
+    keep_checkpoints: int = knob(2, "Checkpoints kept in <run_dir>/checkpoints (the oldest are deleted).", ge=1)
     offload_optimizer: bool = knob(False, "ZeRO 1-3: keep the fp32 master weights, gradients and AdamW state in "
                                    "CPU memory (less GPU memory, slower steps).")
     offload_params: bool = knob(False, "ZeRO-3: keep the bf16 parameter partitions in CPU memory and fetch them "
@@ -270,6 +278,9 @@ class ResourcesConfig:
     learner: ActorResources = section(ActorResources, "Learner ranks (DeepSpeed data parallel).")
     placement: str = knob("PACK", "Placement-group strategy of the rollout group.",
                           choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    max_restarts: int = knob(3, "Times Ray restarts a dead rollout worker or reward actor (the step's call is "
+                             "retried); a dead learner or creator stops the run with the command that resumes it.",
+                             ge=0)
 
 
 @dataclass
@@ -343,6 +354,9 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         problems.append(f"learner.sync_every: {cfg.learner.sync_every} lets rollouts lag "
                         f"{cfg.learner.sync_every - 1} versions, more than learner.max_staleness "
                         f"{cfg.learner.max_staleness}; raise max_staleness or sync more often")
+    if cfg.learner.verify_sync and cfg.rollout.backend != "hf":
+        problems.append(f"learner.verify_sync: needs rollout.backend 'hf' (a {cfg.rollout.backend} engine keeps the "
+                        "weights in its own fused layout)")
     if cfg.resources.creator.num_workers != 1:
         problems.append(f"resources.creator.num_workers: {cfg.resources.creator.num_workers}; the creator owns "
                         "the buffer, so there is exactly one (allowed: 1)")

@@ -29,3 +29,37 @@ def histogram(values: Any, *, bins: int = 20, integer: bool = False) -> dict[str
 
 def is_histogram(value: Any) -> bool:
     return isinstance(value, dict) and value.get(HIST_TAG) is True
+
+
+# How each train/ metric of a learner rank combines into the global one (see reduce_rank_metrics).
+_SUMMED = {"train/tokens", "train/sequences"}
+_SHARED = {"train/version", "train/lr", "train/updates", "train/skipped", "train/grad_norm", "train/nonfinite_loss",
+           "train/nonfinite_grad"}
+_WEIGHT_OF = {"train/spread_fraction": "prompts", "train/reward_mean": "rewards", "train/staleness_mean": "sequences"}
+
+
+def reduce_rank_metrics(ranks: list[tuple[dict[str, float], dict[str, float]]]) -> dict[str, float]:
+    """The global metrics of one learner step from every rank's ``(metrics, weights)``.
+
+    Counts add up; decisions the ranks took together (version, lr, updates, skipped, grad norm, non-finite counts)
+    are rank 0's; maxima (``*_max``, ``timing/*``: the slowest rank is the step's time) take the largest; every other
+    value is a mean weighted by what it averages over on each rank (``weights``: ``prompts``, ``rewards``,
+    ``sequences``, ``units`` of the loss), which for the loss itself is exactly the one-rank value on the whole
+    batch. A rank that lacks a metric (a padding rank never computes loss statistics) or has weight 0 is left out.
+    """
+    out: dict[str, float] = {}
+    keys = list(dict.fromkeys(k for metrics, _ in ranks for k in metrics))
+    for key in keys:
+        present = [(m[key], w) for m, w in ranks if key in m]
+        if key in _SHARED:
+            out[key] = ranks[0][0].get(key, present[0][0])
+        elif key in _SUMMED:
+            out[key] = float(sum(v for v, _ in present))
+        elif key.endswith("_max") or key.startswith("timing/"):
+            out[key] = float(max(v for v, _ in present))
+        else:
+            weighted = [(v, w[_WEIGHT_OF.get(key, "units")]) for v, w in present]
+            total = sum(w for v, w in weighted if w > 0 and np.isfinite(v))
+            out[key] = (float(sum(v * w for v, w in weighted if w > 0 and np.isfinite(v)) / total) if total
+                        else float("nan"))
+    return out

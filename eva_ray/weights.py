@@ -141,3 +141,17 @@ def read_from(buffer: torch.Tensor, bucket: Bucket,
         spec = manifest[slot.index]
         raw = buffer[slot.offset:slot.offset + slot.nbytes]
         yield spec, raw.view(DTYPES[spec.dtype]).reshape(spec.shape)
+
+
+def fingerprint(tensors: Iterator[torch.Tensor]) -> list[float]:
+    """Per tensor, the sum and the sum of squares in float64: two copies of a policy agree here iff (to rounding)
+    they hold the same values. Cheap enough to check a sync end to end (``learner.verify_sync``)."""
+    out: list[float] = []
+    for t in tensors:
+        d = t.detach().to("cpu", torch.float64)
+        out += [float(d.sum()), float(d.square().sum())]
+    return out
+
+
+def fingerprints_match(a: Sequence[float], b: Sequence[float], rel: float = 1e-6) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= rel * max(1.0, abs(x), abs(y)) for x, y in zip(a, b))

@@ -23,8 +23,10 @@ from eva_ray.records import PromptRecord
 from launch import weight_sync
 from launch.group import RolloutGroup
 from launch.handles import ActorHandle, InlineActor, RayActor, gather
+from launch.learner_group import LearnerGroup
+from launch.placement import PlacementError, learner_address, realize
+from launch.plan import Plan, PlanError, Target, make_plan, ray_cluster_gpus, uses_gpus
 
-_PLACEMENT_TIMEOUT_S = 120
 # Set for every actor. Per-actor runtime_env fields merge with a job's (its working_dir stays), so this also holds
 # under `ray job submit`. No network fetch of LiteLLM's price table; no progress bars from every actor's loads.
 ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
@@ -73,19 +75,34 @@ class System:
     """The version the rollout group holds: a step that applied no update leaves the two equal, and needs no sync."""
     rollout_nodes: list[str] = field(default_factory=list)
     stop_ray: bool = False
+    placement: list[dict[str, Any]] = field(default_factory=list)
+    """Where each actor of the plan landed (plan node, GPUs, Ray node id): empty inline."""
+    placement_groups: Any = None
+    verify_sync: bool = False
+    """After every sync, compare the workers' weights with the learner's (``learner.verify_sync``)."""
     sync_timeout_s: float = 300.0
 
     def connect_weights(self, cfg: Config, host: str) -> None:
         """Open the weight channel between the learner (at ``host``) and every rollout worker."""
         self.sync_timeout_s = cfg.learner.sync_timeout_s
-        weight_sync.connect(self.learner, self.rollout.workers, host,
-                            bucket_bytes=max(1, int(cfg.learner.sync_bucket_mb * (1 << 20))),
-                            timeout_s=cfg.learner.sync_timeout_s, backend=cfg.learner.sync_backend)
+        self.verify_sync = cfg.learner.verify_sync
+        self._channel_args = dict(bucket_bytes=max(1, int(cfg.learner.sync_bucket_mb * (1 << 20))),
+                                  timeout_s=cfg.learner.sync_timeout_s, backend=cfg.learner.sync_backend)
+        self._channel_host = host
+        weight_sync.connect(self.learner, self.rollout.workers, host, **self._channel_args)
+
+    def reconnect_weights(self) -> None:
+        """Build the weight channel again (a rollout worker restarted); the next sync then always runs."""
+        weight_sync.reconnect(self.learner, self.rollout.workers, self._channel_host, **self._channel_args)
+        self.synced_version = -1  # a restarted worker holds the starting weights, whatever the others hold
 
     def sync_weights(self) -> dict[str, float]:
         """Stream the learner's current weights to the rollout group over the channel; returns the sync's stats."""
         stats = weight_sync.sync(self.learner, self.rollout.workers, self.learner_version, self.sync_timeout_s)
         self.synced_version = int(stats["version"])
+        if self.verify_sync:
+            weight_sync.verify(self.learner, self.rollout.workers)
+            stats["verified"] = 1.0
         return stats
 
     def finish(self, run_dir: Path) -> dict[str, Any]:
@@ -117,6 +134,7 @@ class System:
             "provider": ask(self.creator, "provider_stats", default={}),
             "learner_version": self.learner_version,
             "rollout_nodes": self.rollout_nodes,
+            "placement": self.placement,
         }
         weight_change = ask(self.learner, "distance_from_reference")
         if weight_change is not None:
@@ -131,6 +149,8 @@ class System:
                 handle.shutdown()
             except Exception as exc:  # one actor failing to close must not keep the others alive
                 print(f"eva-ray: {handle.name} did not close cleanly: {exc}")
+        if self.placement_groups is not None:  # on a cluster that outlives the run, give its resources back
+            self.placement_groups.remove()
         if self.stop_ray:
             import ray
 
@@ -156,16 +176,21 @@ def _pad_token_id(cfg: Config) -> int:
     return pad
 
 
-def _check_supported(cfg: Config) -> None:
-    for role in ("learner", "reward"):
-        n = getattr(cfg.resources, role).num_workers
-        if n != 1:
-            raise ClusterError(f"resources.{role}.num_workers: {n}; this version runs exactly one {role} actor")
+def _check_supported(cfg: Config, inline: bool) -> None:
+    if cfg.resources.reward.num_workers != 1:
+        raise ClusterError(f"resources.reward.num_workers: {cfg.resources.reward.num_workers}; this version runs "
+                           "exactly one reward actor")
+    if inline and cfg.resources.learner.num_workers != 1:
+        raise ClusterError(f"resources.learner.num_workers: {cfg.resources.learner.num_workers} with --inline; a "
+                           "process holds one DeepSpeed rank, so several ranks need Ray (drop --inline)")
+    if cfg.learner.reference_placement == "actor":
+        raise ClusterError("learner.reference_placement: 'actor' is planned (eva-ray plan) but not launched by this "
+                           "version; use 'learner' (the reference is sharded on the learner ranks under ZeRO-3)")
 
 
 def start_system(cfg: Config, train: list[PromptRecord], run_dir: Path, *, inline: bool,
                  echo: Callable[[str], None] = print) -> System:
-    _check_supported(cfg)
+    _check_supported(cfg, inline)
     kwargs = actor_kwargs(cfg, train, run_dir)
     pad = _pad_token_id(cfg)
     if inline:
@@ -206,7 +231,12 @@ def connect_ray(echo: Callable[[str], None] = print) -> bool:
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address="auto", log_to_driver=True)
+        _check_reachable(os.environ["RAY_ADDRESS"])
+        try:
+            ray.init(address="auto", log_to_driver=True)
+        except (ConnectionError, RuntimeError) as exc:
+            raise ClusterError(f"cannot join the Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}: "
+                               f"{' '.join(str(exc).split())[:300]}") from exc
         echo(f"eva-ray: joined the Ray cluster at {os.environ['RAY_ADDRESS']}")
         return False
     # address="local": always a fresh instance, never a stale cluster some earlier process left registered.
@@ -215,10 +245,25 @@ def connect_ray(echo: Callable[[str], None] = print) -> bool:
     return True
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` RAY_ADDRESS that nothing answers on is one clear error now, not minutes of GCS retries."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    if target in ("auto", "local") or target.startswith(("http://", "https://")) or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise ClusterError(f"no Ray cluster answers at RAY_ADDRESS={address} ({type(exc).__name__}: {exc}); start "
+                           "one with `ray start --head`, or unset RAY_ADDRESS to run on a local instance") from exc
+
+
 def _start_on_ray(cfg: Config, kwargs: dict[str, dict[str, Any]], pad: int, echo: Callable[[str], None]) -> System:
+    started = connect_ray(echo)  # first: it sets what Ray must read when it is first imported
     import ray
 
-    started = connect_ray(echo)
     try:
         return _place_actors(cfg, kwargs, pad, echo, started)
     except BaseException:  # an error or Ctrl-C while actors start: a Ray we started must not outlive the driver
@@ -230,48 +275,65 @@ def _start_on_ray(cfg: Config, kwargs: dict[str, dict[str, Any]], pad: int, echo
 def _place_actors(cfg: Config, kwargs: dict[str, dict[str, Any]], pad: int, echo: Callable[[str], None],
                   started: bool) -> System:
     import ray
-    from ray.util.placement_group import placement_group, placement_group_table
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     res = cfg.resources
+    plan = _launch_plan(cfg)
+    try:
+        placed = realize(plan, echo)
+    except PlacementError as exc:
+        raise ClusterError(str(exc)) from exc
 
-    def bundle(r) -> dict[str, float]:
-        return {"CPU": r.num_cpus, **({"GPU": r.num_gpus} if r.num_gpus else {})}
-
-    def remote(cls, r, **options):
+    def remote(cls, r, role: str, index: int = 0, env: dict[str, str] | None = None, **options):
         return ray.remote(cls).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus,
-                                       runtime_env={"env_vars": ACTOR_ENV}, **options)
+                                       runtime_env={"env_vars": {**ACTOR_ENV, **(env or {})}},
+                                       scheduling_strategy=placed.strategy(role, index), **options)
 
+    # A rollout worker or the reward actor that dies is started again by Ray; the driver rebuilds the weight channel
+    # and retries the step's call. The learner and the creator hold the run's state: their death stops the run.
+    restartable = dict(max_restarts=res.max_restarts, max_task_retries=0)
     n = res.rollout.num_workers
-    pg = placement_group([bundle(res.rollout)] * n, strategy=res.placement)
-    t0 = time.monotonic()
-    if not pg.wait(timeout_seconds=_PLACEMENT_TIMEOUT_S):
-        raise ClusterError(f"{n} rollout workers ({bundle(res.rollout)} each, strategy {res.placement}) could not be "
-                           f"placed within {_PLACEMENT_TIMEOUT_S}s; the cluster has {ray.cluster_resources()}")
-    bundle_nodes = placement_group_table(pg)["bundles_to_node_id"]
-    nodes = [bundle_nodes[i] for i in range(n)]
-    echo(f"eva-ray: placed {n} rollout workers on {len(set(nodes))} node(s) in {time.monotonic() - t0:.1f}s")
-    workers = [
-        RayActor(remote(RolloutWorker, res.rollout, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            pg, placement_group_bundle_index=i)).remote(**kwargs["rollout"], worker_index=i), f"rollout-{i}")
-        for i in range(n)
-    ]
+    nodes = [placed.node_of("rollout", i) for i in range(n)]
+    workers = [RayActor(remote(RolloutWorker, res.rollout, "rollout", i, **restartable).remote(
+        **kwargs["rollout"], worker_index=i), f"rollout-{i}") for i in range(n)]
+    # Learner ranks meet at rank 0's node; each sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES), so its
+    # local rank is 0.
+    ranks = res.learner.num_workers
+    master, port = learner_address(placed)
+    learners = [RayActor(remote(Learner, res.learner, "learner", i, env={
+        "MASTER_ADDR": master, "MASTER_PORT": str(port), "RANK": str(i), "WORLD_SIZE": str(ranks),
+        "LOCAL_RANK": "0"}).remote(**kwargs["learner"]), f"learner-{i}") for i in range(ranks)]
     system = System(
-        creator=RayActor(remote(Creator, res.creator).remote(**kwargs["creator"]), "creator"),
+        creator=RayActor(remote(Creator, res.creator, "creator").remote(**kwargs["creator"]), "creator"),
         rollout=RolloutGroup(workers),
-        reward=RayActor(remote(RewardActor, res.reward).remote(**kwargs["reward"]), "reward"),
-        learner=RayActor(remote(Learner, res.learner).remote(**kwargs["learner"]), "learner"),
-        pad_token_id=pad, rollout_nodes=nodes, stop_ray=started,
+        reward=RayActor(remote(RewardActor, res.reward, "reward", **restartable).remote(**kwargs["reward"]), "reward"),
+        learner=LearnerGroup(learners) if ranks > 1 else learners[0],
+        pad_token_id=pad, rollout_nodes=nodes, stop_ray=started, placement=placed.layout(),
     )
+    system.placement_groups = placed
     # Constructors run asynchronously; wait for all of them so a failing one is reported now, by name.
-    for handle in [system.creator, system.reward, system.learner, *workers]:
+    for handle in [system.creator, system.reward, *learners, *workers]:
         try:
             gather([handle.call("__ray_ready__")])
         except Exception as exc:
             system.stop_ray = False  # the caller shuts Ray down once
             system.shutdown()
             raise ClusterError(f"the {handle.name} actor failed to start: {exc}") from exc
-    # The channel's rendezvous lives where the learner runs; every engine worker connects to that address.
-    host = ray.get(system.learner.handle.__ray_call__.remote(lambda actor: ray.util.get_node_ip_address()))
-    _connect_or_shut_down(system, cfg, host)
+    echo(f"eva-ray: {ranks} learner rank(s), {n} rollout worker(s) on {len(set(nodes))} node(s)")
+    # The channel's rendezvous lives where learner rank 0 runs; every engine worker connects to that address.
+    _connect_or_shut_down(system, cfg, master)
     return system
+
+
+def _launch_plan(cfg: Config) -> Plan:
+    """The plan for the cluster this driver joined: its real nodes and GPUs when the config asks for GPUs."""
+    target = Target(cfg.cluster.nodes, 0, cfg.cluster.gpu_memory_gb, "config")
+    if uses_gpus(cfg):
+        nodes, gpus = ray_cluster_gpus()
+        target = Target(nodes, gpus, cfg.cluster.gpu_memory_gb, "the Ray cluster")
+    try:
+        plan = make_plan(cfg, target)
+    except PlanError as exc:
+        raise ClusterError(f"the layout does not fit the Ray cluster: {exc}") from exc
+    if not plan.fits:
+        raise ClusterError(f"the layout does not fit the Ray cluster: {plan.error_line()}")
+    return plan

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from actors.weight_channel import WeightSyncError
+from eva_ray.weights import fingerprints_match
 from launch.handles import ActorHandle, gather, is_actor_death, settle
 
 # Beyond the channel's own timeout, how long the driver waits for the actors to report before calling one hung.
@@ -81,3 +82,17 @@ def sync(learner: ActorHandle, workers: list[ActorHandle], version: int, timeout
         raise WeightSyncError(f"weight sync: the learner sent version {stats['version']} (expected {version}) but "
                               f"workers report {wrong}")
     return stats
+
+
+def verify(learner: ActorHandle, workers: list[ActorHandle]) -> None:
+    """Check that every worker now holds exactly the learner's weights (fingerprints), or raise naming who does not.
+
+    HF workers only: a vLLM engine keeps the weights fused and repacked, so its copy is checked by what it
+    generates instead (the tests compare greedy outputs).
+    """
+    manifest = gather([learner.call("weight_manifest")])[0]
+    want = gather([learner.call("weights_fingerprint")])[0]
+    got = gather([w.call("weights_fingerprint", manifest) for w in workers])
+    wrong = [w.name for w, fp in zip(workers, got) if not fingerprints_match(want, fp)]
+    if wrong:
+        raise WeightSyncError(f"after the sync, {', '.join(wrong)} hold(s) weights that differ from the learner's")

@@ -10,6 +10,7 @@ from launch.cli import _check_plan_before_run
 
 ROOT = Path(__file__).resolve().parents[2]
 RLOO = "configs/gemma2-9b-rloo-8xh100.yaml"
+ONE_RANK = ["resources.learner.num_workers=1", "learner.offload_optimizer=false"]  # the whole 9B learner on one GPU
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -23,12 +24,12 @@ def test_plan_prints_the_layout_and_exits_0_for_both_paper_configs():
         out = cli("plan", "--config", config)
         assert out.returncode == 0, out.stderr
         assert "target: 1 node(s) x 8 GPU(s) x 80 GB (from config)" in out.stdout
-        assert "rollout-2    node 0, GPU 7" in out.stdout
+        assert "rollout-4    node 0, GPU 7" in out.stdout
         assert out.stdout.rstrip().endswith("fits")
 
 
 def test_an_overflowing_layout_exits_1_with_one_line_naming_it():
-    out = cli("plan", "--config", RLOO, "resources.learner.num_workers=1")
+    out = cli("plan", "--config", RLOO, *ONE_RANK)
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -39,11 +40,11 @@ def test_an_overflowing_layout_exits_1_with_one_line_naming_it():
 def test_flags_override_the_config_target_and_too_few_gpus_name_the_role():
     out = cli("plan", "--config", RLOO, "--nodes", "1", "--gpus-per-node", "6")
     assert out.returncode == 1
-    assert out.stderr.strip() == ("eva-ray: plan does not fit: rollout engine 1 needs 1 GPU(s) on one node and "
-                                  "none are left: the target has 6 GPU(s) (1 node(s)), already taken: learner 4, "
-                                  "reward 1, rollout 1")
-    big = cli("plan", "--config", RLOO, "resources.learner.num_workers=2", "--gpu-memory-gb", "141",
-              "--gpus-per-node", "6")
+    assert out.stderr.strip() == ("eva-ray: plan does not fit: rollout engine 3 needs 1 GPU(s) on one node and "
+                                  "none are left: the target has 6 GPU(s) (1 node(s)), already taken: learner 2, "
+                                  "reward 1, rollout 3")
+    big = cli("plan", "--config", RLOO, "resources.rollout.num_workers=3", "learner.offload_optimizer=false",
+              "--gpu-memory-gb", "141", "--gpus-per-node", "6")
     assert "(from command line)" in big.stdout and big.returncode == 0, big.stderr
 
 
@@ -54,7 +55,7 @@ def test_a_bad_config_is_a_config_error_with_exit_2():
 
 
 def test_run_refuses_a_gpu_config_that_does_not_fit_before_starting_anything():
-    out = cli("run", "--config", RLOO, "resources.learner.num_workers=1")
+    out = cli("run", "--config", RLOO, *ONE_RANK)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("eva-ray: plan does not fit: learner-0 on node 0 GPU 0")
     assert "Ray" not in out.stdout  # no cluster was joined or started
@@ -64,4 +65,4 @@ def test_run_skips_the_plan_on_cpu_only_configs():
     # The CPU configs ask for no GPUs: nothing is planned, not even the model shapes are read.
     for config in ("configs/tiny.yaml", "launch/default_run.yaml", "configs/smollm2-mtbench.yaml"):
         assert _check_plan_before_run(load_config(ROOT / config, ["model.path=org/no-shape-anywhere"])) == 0
-    assert _check_plan_before_run(load_config(ROOT / RLOO, ["resources.learner.num_workers=1"])) == 1
+    assert _check_plan_before_run(load_config(ROOT / RLOO, ONE_RANK)) == 1

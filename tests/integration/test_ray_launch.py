@@ -37,7 +37,7 @@ def ray_env(tmp_path: Path, tiny_cache: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_online_eva_end_to_end(tmp_path, tiny_cache, check_run):
+def test_ray_job_submit_runs_online_eva_end_to_end_with_two_learner_ranks(tmp_path, tiny_cache, check_run):
     env = ray_env(tmp_path, tiny_cache)
     gcs_port, dash_port = free_port(), free_port()
     temp_dir = Path("/tmp") / f"ray-eva-{os.getpid()}"  # short: Ray's socket paths must stay under 107 chars
@@ -55,7 +55,8 @@ def test_ray_job_submit_runs_online_eva_end_to_end(tmp_path, tiny_cache, check_r
                   "--working-dir", str(REPO),
                   "--runtime-env-json", '{"excludes": ["runs/", "wandb/", ".git/", "docs/"]}',
                   "--", "python", "-m", "launch", "run", "--config", "configs/tiny.yaml",
-                  f"run.output_dir={out_dir}"]
+                  f"run.output_dir={out_dir}", "resources.learner.num_workers=2", "learner.zero_stage=3",
+                  "learner.verify_sync=true"]
         subprocess.run(submit, env=env, check=True, capture_output=True, text=True, timeout=120)
         status, deadline = "", time.monotonic() + 900
         while time.monotonic() < deadline:
@@ -70,7 +71,12 @@ def test_ray_job_submit_runs_online_eva_end_to_end(tmp_path, tiny_cache, check_r
         assert f"Job '{job_id}' succeeded" in status, status + logs[-4000:]
         assert "joined the Ray cluster" in logs and "step 20/20" in logs
         (run_dir,) = out_dir.iterdir()
-        check_run(run_dir, steps=20)
+        run = check_run(run_dir, steps=20)
+        # Two ZeRO-3 learner ranks; after every sync each worker's weights were checked against the learner's.
+        placed = [p["actor"] for p in run["summary"]["final"]["placement"]]
+        assert {"learner-0", "learner-1"} <= set(placed)
+        synced = [m for m in run["metrics"] if "perf/sync_bytes" in m]
+        assert synced and all(m["perf/sync_verified"] == 1.0 for m in synced)
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "configs" / "models"
 RLOO = ROOT / "configs" / "gemma2-9b-rloo-8xh100.yaml"
 OAIF = ROOT / "configs" / "gemma2-9b-oaif-8xh100.yaml"
+# The layout the configs' header names as the alternative: 4 learner ranks without offload, 3 engines.
+FOUR_RANKS = ["resources.learner.num_workers=4", "resources.rollout.num_workers=3", "learner.offload_optimizer=false"]
 
 
 @pytest.fixture(scope="module")
@@ -103,19 +105,22 @@ def test_both_paper_configs_fit_8x80gb_with_the_planned_layout():
     for path in (RLOO, OAIF):
         plan = check_plan(load_config(path), Target(1, 8, 80))
         roles = [(p.role, p.node, p.gpus) for p in plan.placements]
-        assert roles[:4] == [("learner", 0, (i,)) for i in range(4)]
-        assert ("reward", 0, (4,)) in roles
-        assert [r for r in roles if r[0] == "rollout"] == [("rollout", 0, (g,)) for g in (5, 6, 7)]
+        assert roles[:2] == [("learner", 0, (i,)) for i in range(2)]
+        assert ("reward", 0, (2,)) in roles
+        assert [r for r in roles if r[0] == "rollout"] == [("rollout", 0, (g,)) for g in (3, 4, 5, 6, 7)]
         assert plan.placement("creator").gpus == () and plan.placement("creator").node is None
         groups = {g.name: g for g in plan.groups}
-        assert groups["learner"].bundles == ({"CPU": 4.0, "GPU": 1.0},) * 4
+        assert groups["learner"].bundles == ({"CPU": 4.0, "GPU": 1.0},) * 2
         assert groups["rollout"].strategy == "PACK"
         assert all(u.estimate.total < 80 * GB for u in plan.gpus)
         assert "fits" in format_plan(plan)
+        four = check_plan(load_config(path, FOUR_RANKS), Target(1, 8, 80))
+        assert [p.gpus for p in four.placements if p.role == "learner"] == [(i,) for i in range(4)]
+        assert four.placement("reward").gpus == (4,)
 
 
 def test_the_whole_9b_learner_on_one_gpu_overflows_by_name():
-    cfg = load_config(RLOO, ["resources.learner.num_workers=1"])
+    cfg = load_config(RLOO, ["resources.learner.num_workers=1", "learner.offload_optimizer=false"])
     plan = make_plan(cfg, Target(1, 8, 80))
     line = plan.error_line()
     assert not plan.fits and "\n" not in line
@@ -127,11 +132,11 @@ def test_the_whole_9b_learner_on_one_gpu_overflows_by_name():
 
 
 def test_running_out_of_gpus_names_the_role():
-    cfg = load_config(RLOO)
+    cfg = load_config(RLOO, FOUR_RANKS)
     with pytest.raises(PlanError, match="^rollout engine 0 needs 1 GPU"):
         make_plan(cfg, Target(1, 5, 80))
     with pytest.raises(PlanError, match="^rollout engine 1 needs 2 GPU"):
-        make_plan(load_config(RLOO, ["rollout.tensor_parallel_size=2"]), Target(1, 8, 80))
+        make_plan(load_config(RLOO, [*FOUR_RANKS, "rollout.tensor_parallel_size=2"]), Target(1, 8, 80))
 
 
 def test_tensor_parallel_engines_and_spread():
@@ -152,7 +157,8 @@ def test_tensor_parallel_engines_and_spread():
 
 
 def test_reference_actor_takes_the_gpu_after_the_learners():
-    plan = make_plan(load_config(OAIF, ["learner.reference_placement=actor", "resources.rollout.num_workers=2"]),
+    plan = make_plan(load_config(OAIF, [*FOUR_RANKS, "learner.reference_placement=actor",
+                                        "resources.rollout.num_workers=2"]),
                      Target(1, 8, 80))
     assert plan.placement("reference").gpus == (4,)
     assert plan.placement("reward").gpus == (5,)
