@@ -34,10 +34,10 @@ def test_tiny_scheme_builds_once_and_passes_other_paths_through(tmp_path, monkey
 
     monkeypatch.setenv("EVA_RAY_CACHE", str(tmp_path))
     policy = resolve_model_path("tiny:policy")
-    assert (tmp_path / "tiny" / "seed0" / "policy" / "config.json").is_file() and policy.endswith("policy")
-    stamp = (tmp_path / "tiny" / "seed0" / "policy" / "config.json").stat().st_mtime_ns
+    assert (tmp_path / "tiny" / "v2-seed0" / "policy" / "config.json").is_file() and policy.endswith("policy")
+    stamp = (tmp_path / "tiny" / "v2-seed0" / "policy" / "config.json").stat().st_mtime_ns
     assert resolve_model_path("tiny:policy") == policy  # cached: not rebuilt
-    assert (tmp_path / "tiny" / "seed0" / "policy" / "config.json").stat().st_mtime_ns == stamp
+    assert (tmp_path / "tiny" / "v2-seed0" / "policy" / "config.json").stat().st_mtime_ns == stamp
     assert resolve_model_path("tiny:reward").endswith("reward")
     assert resolve_model_path("/models/gemma") == "/models/gemma" and resolve_model_path(None) is None
     import pytest
