@@ -29,7 +29,7 @@ DRIVER_STATE = "driver.json"
 CREATOR_STATE = "creator.json"
 LEARNER_DIR = "learner"
 # Keys a resumed run may change; everything else must equal the saved config.
-MUTABLE = ("run.total_steps", "run.call_timeout_s", "logging.")
+MUTABLE = ("run.total_steps", "run.call_timeout_s", "run.sigterm_grace_s", "logging.")
 
 
 class ResumeError(RuntimeError):
@@ -139,7 +139,7 @@ def check_resumable(run_dir: Path, saved: dict[str, Any], new: dict[str, Any]) -
     if changed:
         raise ResumeError(f"the config differs from the run's own ({run_dir / 'config.yaml'}) in {len(changed)} "
                           f"key(s) a resumed run may not change: {'; '.join(changed)} (only run.total_steps, "
-                          "run.call_timeout_s and logging.* may change)")
+                          "run.call_timeout_s, run.sigterm_grace_s and logging.* may change)")
     path = latest(run_dir)
     if path is None:
         raise ResumeError(f"{run_dir} has no checkpoint ({CHECKPOINTS}/step-*): the run stopped before its first "

@@ -42,7 +42,7 @@ from launch.metrics import MetricsLogger
 from launch.plots import write_plots
 from launch.progress import Progress
 from launch.recovery import ActorLost, Restarts, WorkerRestarted, lost_line, resume_command as _resume_command
-from launch.signals import Terminated, reset as reset_signals, restore_sigterm, stop_on_sigterm
+from launch.signals import Terminated, reset as reset_signals, restore_sigterm, stop_at_step_end, stop_on_sigterm
 
 
 # After an actor died or hung, how long each of the run's closing calls (snapshot, policy, stats) may take.
@@ -237,7 +237,7 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
     at_boundary = False  # between two steps: the actors' states agree with summary.steps_done
     table_columns = ["step", "id", "parent_id", "operator", "generation", "info", "text"]
     reset_signals()
-    previous_sigterm = stop_on_sigterm()  # SIGTERM is Ctrl-C from here on: outputs written, summary says so
+    previous_sigterm = stop_on_sigterm(cfg.run.sigterm_grace_s)  # SIGTERM is Ctrl-C from here on: outputs written, summary says so
 
     def save_checkpoint(step: int) -> None:
         nonlocal last_checkpoint
@@ -290,6 +290,7 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
                                  gather([system.creator.call("evolved_table")])[0])
             summary.steps_done = step + 1
             at_boundary = True
+            stop_at_step_end()  # a SIGTERM during the step stops the run here, where a checkpoint is consistent
             if cfg.learner.checkpoint_every and (step + 1) % cfg.learner.checkpoint_every == 0 and not last:
                 save_checkpoint(step + 1)
             progress.update(step + 1, metrics)
@@ -298,8 +299,8 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
                      gather([system.creator.call("evolved_table")])[0])
     except KeyboardInterrupt as exc:
         summary.interrupted = True
-        echo(f"eva-ray: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}; saving what the "
-             "run has and shutting down")
+        why = f"terminated (SIGTERM): {exc}" if isinstance(exc, Terminated) else "interrupted"
+        echo(f"eva-ray: {why}; saving what the run has and shutting down")
         if system is not None and at_boundary and summary.steps_done and summary.steps_done != last_checkpoint:
             try:
                 save_checkpoint(summary.steps_done)

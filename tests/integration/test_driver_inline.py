@@ -124,3 +124,6 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_exits_143(tmp_path, tiny_cache):
     assert summary["interrupted"] is True and summary["error"] is None and 1 <= summary["steps_done"] < 500
     assert (run_dir / "policy" / "config.json").is_file() and (run_dir / "buffer.json").is_file()
     assert (run_dir / "lineage.jsonl").stat().st_size > 0
+    # The step under way finished (run.sigterm_grace_s), so the run stopped with a checkpoint of its last step.
+    assert "stopped at the end of the step" in out
+    assert (run_dir / "checkpoints" / f"step-{summary['steps_done']:08d}" / "driver.json").is_file()
