@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +93,8 @@ class MetricsLogger:
             self._wandb = wandb
             # A resumed run continues the same wandb run (its id from the checkpoint).
             resume = dict(id=resume_id, resume="allow") if resume_id else {}
-            self._run = _init_wandb(wandb, resume_id is not None, project=project, name=run_name,
-                                    dir=str(self.run_dir), mode=self.mode, config=config,
-                                    reinit="finish_previous", **resume)
+            self._run = wandb.init(project=project, name=run_name, dir=str(self.run_dir), mode=self.mode,
+                                   config=config, reinit="finish_previous", **resume)
             self._run.define_metric(STEP_KEY)
             self._run.define_metric("*", step_metric=STEP_KEY)
 
@@ -143,19 +141,3 @@ class MetricsLogger:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
-
-
-# After a driver is killed, its wandb service process lives on for a while and still holds the run's id, so a
-# resume started at once is refused ("run ID ... is in use"). It goes away by itself: wait for it, this long.
-_RUN_ID_WAIT_S = 90.0
-
-
-def _init_wandb(wandb: Any, resuming: bool, **kwargs: Any) -> Any:
-    deadline = time.monotonic() + (_RUN_ID_WAIT_S if resuming else 0.0)
-    while True:
-        try:
-            return wandb.init(**kwargs)
-        except Exception as exc:  # wandb's ServerResponseError; its module path moves between releases
-            if "is in use" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(2.0)
