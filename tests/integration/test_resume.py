@@ -28,6 +28,9 @@ OVERRIDES = [f"run.total_steps={STEPS}", f"learner.checkpoint_every={EVERY}", "w
 def launch(*args: str, out: Path) -> subprocess.Popen:
     env = {**os.environ, "WANDB_SILENT": "true"}
     env.pop("RAY_ADDRESS", None)
+    # wandb records its service in WANDB_SERVICE once this pytest process has used it; a child that inherits it
+    # shares that service, which would still count the killed driver's run as live ("run ID ... is in use").
+    env.pop("WANDB_SERVICE", None)
     return subprocess.Popen([sys.executable, "-m", "launch", "run", *args], cwd=REPO, env=env,
                             stdout=open(out, "w"), stderr=subprocess.STDOUT)
 
