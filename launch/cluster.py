@@ -89,7 +89,7 @@ class System:
         self._channel_args = dict(bucket_bytes=max(1, int(cfg.learner.sync_bucket_mb * (1 << 20))),
                                   timeout_s=cfg.learner.sync_timeout_s, backend=cfg.learner.sync_backend)
         self._channel_host = host
-        weight_sync.connect(self.learner, self.rollout.workers, host, **self._channel_args)
+        self._manifest = weight_sync.connect(self.learner, self.rollout.workers, host, **self._channel_args)["manifest"]
 
     def reconnect_weights(self) -> None:
         """Build the weight channel again (a rollout worker restarted); the next sync then always runs."""
@@ -101,7 +101,7 @@ class System:
         stats = weight_sync.sync(self.learner, self.rollout.workers, self.learner_version, self.sync_timeout_s)
         self.synced_version = int(stats["version"])
         if self.verify_sync:
-            weight_sync.verify(self.learner, self.rollout.workers)
+            weight_sync.verify(self.learner, self.rollout.workers, self._manifest)
             stats["verified"] = 1.0
         return stats
 
@@ -307,9 +307,8 @@ def _place_actors(cfg: Config, kwargs: dict[str, dict[str, Any]], pad: int, echo
         rollout=RolloutGroup(workers),
         reward=RayActor(remote(RewardActor, res.reward, "reward", **restartable).remote(**kwargs["reward"]), "reward"),
         learner=LearnerGroup(learners) if ranks > 1 else learners[0],
-        pad_token_id=pad, rollout_nodes=nodes, stop_ray=started, placement=placed.layout(),
+        pad_token_id=pad, rollout_nodes=nodes, stop_ray=started, placement=placed.layout(), placement_groups=placed,
     )
-    system.placement_groups = placed
     # Constructors run asynchronously; wait for all of them so a failing one is reported now, by name.
     for handle in [system.creator, system.reward, *learners, *workers]:
         try:

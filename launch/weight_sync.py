@@ -84,15 +84,17 @@ def sync(learner: ActorHandle, workers: list[ActorHandle], version: int, timeout
     return stats
 
 
-def verify(learner: ActorHandle, workers: list[ActorHandle]) -> None:
+def verify(learner: ActorHandle, workers: list[ActorHandle], manifest: list[list]) -> None:
     """Check that every worker now holds exactly the learner's weights (fingerprints), or raise naming who does not.
 
-    HF workers only: a vLLM engine keeps the weights fused and repacked, so its copy is checked by what it
-    generates instead (the tests compare greedy outputs).
+    ``manifest`` is the channel's (``connect`` returns it in its spec). HF workers only: a vLLM engine keeps the
+    weights fused and repacked, so its copy is checked by what it generates instead (the tests compare greedy
+    outputs).
     """
-    manifest = gather([learner.call("weight_manifest")])[0]
-    want = gather([learner.call("weights_fingerprint")])[0]
-    got = gather([w.call("weights_fingerprint", manifest) for w in workers])
+    # Started together; gathered apart, since a learner group answers with a future of its own kind.
+    mine = learner.call("weights_fingerprint")
+    theirs = [w.call("weights_fingerprint", manifest) for w in workers]
+    want, got = gather([mine])[0], gather(theirs)
     wrong = [w.name for w, fp in zip(workers, got) if not fingerprints_match(want, fp)]
     if wrong:
         raise WeightSyncError(f"after the sync, {', '.join(wrong)} hold(s) weights that differ from the learner's")
