@@ -20,17 +20,19 @@ One ``train_step``:
 2. OAIF keeps only the best and worst response of each prompt (``select_pairs``): the policy and the reference
    model then run on 2 responses per prompt instead of N.
 3. Reference log-probs, once (no grad). With RLOO and ``beta == 0`` there is no reference model at all.
-4. ``solver.updates_per_batch`` optimizer updates. Each starts with a no-grad pass over the batch:
-   - its full-batch loss is exactly the loss the update is about to differentiate (dropout is off), so a NaN/inf
-     loss is caught *before* any gradient reaches the engine (``train/nonfinite_loss``), and its stats are exact
-     full-batch metrics. It costs one forward pass, about a quarter of a step;
-   - on the first update its log-probs become the *old* log-probs. With several updates per batch they are the
-     ratio denominators (clipped with ``clip_eps``) and the source of the reward-side KL, fixed for the batch.
-     They are the learner's log-probs at the start of the step, not the sampler's: the ratio corrects for the
-     drift within the step, not for a rollout's lag behind the learner (the driver bounds that lag).
-   Then micro-batches of whole prompt groups run forward/backward, each loss weighted by its share of the batch
-   (``eva_ray.batching.share``: exact for these per-group losses), and one ``engine.step()``. A non-finite gradient
-   norm skips the step too: DeepSpeed's ZeRO 1-3 optimizers refuse it themselves; under ZeRO-0 the learner checks.
+4. ``solver.updates_per_batch`` optimizer updates. Micro-batches of whole prompt groups run forward/backward, each
+   loss weighted by its share of the batch (``eva_ray.batching.share``: exact for these per-group losses), and one
+   ``engine.step()``. With one update per batch (the usual case) that is the whole step: the metrics come from the
+   micro-batches' own forward passes, and a non-finite loss is back-propagated and refused with its gradient (a
+   non-finite gradient norm skips the step: DeepSpeed's ZeRO 1-3 optimizers refuse it themselves; under ZeRO-0 the
+   learner checks, and also refuses a step in which any rank saw a non-finite loss). With several updates per
+   batch each starts with a no-grad pass over the batch at the weights it starts from: its log-probs are the
+   ratio's *old* log-probs (first update, fixed for the batch; clipped with ``clip_eps``) and the source of the
+   reward-side KL, its full-batch loss is checked for NaN/inf before any gradient reaches the engine, and its
+   stats are the step's metrics. Those are the learner's log-probs at the start of the step, not the sampler's.
+   Rollouts that lag the learner's policy (``run.overlap``) are corrected apart, token by token, with importance
+   weights from the rollout engine's own log-probs (``learner.off_policy_correction``,
+   :mod:`eva_ray.losses.off_policy`), logged as ``train/is_*``.
 5. Metrics (``train/...``) describe the batch at the weights before the step. ``version`` counts applied
    optimizer updates; the LR schedule counts updates too, skipped ones included, so it stays keyed to the
    driver's step.
@@ -66,7 +68,8 @@ from actors.weight_channel import ChannelSpec, WeightChannel, collective, host_s
 from eva_ray.batching import TrainBatch, groups_with_spread, micro_batches, right_pad, select_pairs, share_units
 from eva_ray.config import LearnerConfig, ModelConfig, SolverConfig
 from eva_ray.losses import entropy_from_logits, get_policy_loss, kl_estimate, masked_mean, token_logprobs
-from eva_ray.metrics import reduce_rank_metrics
+from eva_ray.losses.off_policy import Correction, importance_weights
+from eva_ray.metrics import reduce_rank_metrics, weighted_means
 from eva_ray.weights import fingerprint, spec_of
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -290,6 +293,11 @@ class Learner:
         # ratio is exactly 1 and its gradient equals REINFORCE's, but its value would make train/loss read
         # -mean(A) = 0 every step; the plain -mean(A * log pi) keeps a loss that falls as the policy learns.
         self._use_ratio = solver.algorithm == "rloo" and solver.updates_per_batch > 1
+        # "auto" is resolved by the driver (TIS when rollout overlaps training); a learner built directly has no lag
+        # to correct unless asked.
+        method = learner.off_policy_correction if learner.off_policy_correction != "auto" else "none"
+        self._correction = Correction(method if solver.algorithm == "rloo" else "none", cap=learner.is_cap,
+                                      low=learner.icepop_low, high=learner.icepop_high)
         self._version = 0
         self._closed = False
         self._owns_group = False
@@ -448,13 +456,17 @@ class Learner:
         return torch.cat(lps), (torch.cat(ents) if with_entropy else None)
 
     def _loss(self, logprobs: torch.Tensor, ref: torch.Tensor | None, old: torch.Tensor | None,
-              batch: TrainBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              batch: TrainBatch, is_weights: tuple[torch.Tensor | None, dict[str, torch.Tensor]] = (None, {}),
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         s = self.solver
         mask = batch.response_token_mask
         if s.algorithm == "oaif":
             return self._loss_fn(logprobs, ref, mask, batch.rewards, beta=s.beta, loss_type=s.dpo_loss)
-        return self._loss_fn(logprobs, ref, mask, batch.rewards, beta=s.beta, kl_estimator=s.kl_estimator,
-                             kl_mode=s.kl_mode, aggregation=s.aggregation, old_logprobs=old, clip_eps=s.clip_eps)
+        weights, is_stats = is_weights
+        loss, stats = self._loss_fn(logprobs, ref, mask, batch.rewards, beta=s.beta, kl_estimator=s.kl_estimator,
+                                    kl_mode=s.kl_mode, aggregation=s.aggregation, old_logprobs=old,
+                                    clip_eps=s.clip_eps, is_weights=weights)
+        return loss, stats | is_stats
 
     # ------------------------------------------------------------------------------------------ train step
 
@@ -480,6 +492,7 @@ class Learner:
         start = time.perf_counter()
         s = self.solver
         real = not padding_only
+        self._step_version = self._version  # a rollout lags when older than the weights the step starts from
         spread = groups_with_spread(batch.rewards) & real
         finite = torch.isfinite(batch.rewards) & real
         staleness = (self._version - batch.policy_versions).float()
@@ -518,25 +531,31 @@ class Learner:
 
         old: torch.Tensor | None = None
         grad_norms: list[float] = []
+        scale = self._world / global_units if real and global_units else 0.0
         for update in range(s.updates_per_batch):
-            # No-grad pass at the weights this update starts from: old log-probs (first update), full-batch stats,
-            # and the NaN check of the exact loss the micro-batches are about to differentiate.
-            current, entropy = self._batch_logprobs(self.engine, micros, width, n_micro, with_entropy=update == 0)
+            stats: dict[str, float] | None = None
+            if s.updates_per_batch > 1:
+                # Several updates: a no-grad pass at the weights this update starts from gives the old log-probs
+                # (first update: the ratio's denominators, fixed for the batch), exact full-batch stats, and the
+                # NaN check of the loss the micro-batches are about to differentiate.
+                current, entropy = self._batch_logprobs(self.engine, micros, width, n_micro,
+                                                        with_entropy=update == 0)
+                if update == 0:
+                    old = current
+                loss, full_stats = self._loss(current, ref, old, full, self._is_weights(full, old))
+                if update == 0:
+                    stats = {k: v.item() for k, v in full_stats.items()}
+                    stats["entropy"] = masked_mean(entropy, mask).item()
+                    if "kl" not in stats and ref is not None:
+                        stats["kl"] = masked_mean(kl_estimate(current, ref, s.kl_estimator), mask).item()
+                if self._any_rank(real and not bool(torch.isfinite(loss))):
+                    metrics["train/nonfinite_loss"] += 1.0
+                    self._advance_schedule(s.updates_per_batch - update)
+                    break
+            applied, grad_norm, nonfinite, micro_stats = self._update(micros, ref, old, unit, n_micro, scale)
             if update == 0:
-                old = current
-                metrics["train/entropy"] = masked_mean(entropy, mask).item()
-            loss, stats = self._loss(current, ref, old if self._use_ratio else None, full)
-            if update == 0:
-                metrics.update({f"train/{k}": v.item() for k, v in stats.items()})
-                if "kl" not in stats and ref is not None:  # OAIF's stats carry no KL; drift is worth watching
-                    metrics["train/kl"] = masked_mean(kl_estimate(current, ref, s.kl_estimator), mask).item()
-            if self._any_rank(real and not bool(torch.isfinite(loss))):
-                metrics["train/nonfinite_loss"] += 1.0
-                self._advance_schedule(s.updates_per_batch - update)
-                break
-            scale = self._world / global_units if real and global_units else 0.0
-            applied, grad_norm, nonfinite_micro = self._update(full, micros, ref, old, unit, n_micro, scale)
-            metrics["train/nonfinite_loss"] += nonfinite_micro
+                metrics.update({f"train/{k}": v for k, v in (stats or micro_stats).items()})
+            metrics["train/nonfinite_loss"] += float(nonfinite)
             grad_norms.append(grad_norm)
             if not applied:
                 metrics["train/nonfinite_grad"] += 1.0
@@ -549,19 +568,33 @@ class Learner:
         metrics["train/skipped"] = float(metrics["train/updates"] == 0)
         return self._finish(metrics, weights, start)
 
-    def _update(self, full: TrainBatch, micros: list[TrainBatch], ref: torch.Tensor | None,
-                old: torch.Tensor | None, unit: str, n_micro: int, scale: float) -> tuple[bool, float, int]:
-        """One optimizer update over all micro-batches; ``(applied, grad norm before clipping, nonfinite losses)``.
+    def _is_weights(self, batch: TrainBatch, learner_logprobs: torch.Tensor | None
+                    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Importance weights of ``batch``'s tokens for rollouts older than the learner (None when off or 1)."""
+        if self._correction.method == "none" or learner_logprobs is None or batch.behaviour_logprobs is None:
+            return None, {}
+        lagging = batch.policy_versions.to(self.device) < self._step_version
+        behaviour = batch.behaviour_logprobs.to(learner_logprobs.device)
+        return importance_weights(learner_logprobs, behaviour, lagging, batch.response_token_mask, self._correction)
+
+    def _update(self, micros: list[TrainBatch], ref: torch.Tensor | None, old: torch.Tensor | None, unit: str,
+                n_micro: int, scale: float) -> tuple[bool, float, bool, dict[str, float]]:
+        """One optimizer update over all micro-batches; ``(applied, grad norm before clipping, whether any rank saw
+        a non-finite loss, stats)``.
 
         Each micro-batch's mean loss is weighted by ``scale * (its units)``: with ``scale = world / global units``
         the gradients DeepSpeed averages over the ranks sum to the global batch's. Micro-batches past this rank's
-        own (up to ``n_micro``, the busiest rank's count) repeat its first one with weight 0.
+        own (up to ``n_micro``, the busiest rank's count) repeat its first one with weight 0. ``stats`` are the loss
+        statistics (and entropy) of this rank's micro-batches at the weights before the update, combined as means
+        weighted by units (the loss itself exactly); with one update per batch they are the step's metrics, so no
+        extra forward pass is needed for them.
         """
         engine = self.engine
         nonfinite = 0
         offsets = [0]
         for mb in micros:
             offsets.append(offsets[-1] + mb.num_sequences)
+        weighted: list[tuple[dict[str, float], dict[str, float]]] = []
         for k in range(n_micro):
             mine = k < len(micros)
             mb = micros[k] if mine else micros[0]
@@ -569,32 +602,45 @@ class Learner:
             r = mb.response_width
             # Gradients are reduced and partitioned (ZeRO 2/3) at the boundary; only the last micro-batch is one.
             engine.set_gradient_accumulation_boundary(k == n_micro - 1)
-            lp, _ = self._logprobs(engine, mb)
-            loss, _ = self._loss(lp, ref[rows, :r] if ref is not None else None,
-                                 old[rows, :r] if (old is not None and self._use_ratio) else None, mb)
+            lp, entropy = self._logprobs(engine, mb, with_entropy=mine)
+            mb_old = old[rows, :r] if old is not None else None
+            mb_ref = ref[rows, :r] if ref is not None else None
+            loss, stats = self._loss(lp, mb_ref, mb_old if self._use_ratio else None, mb,
+                                     self._is_weights(mb, mb_old if mb_old is not None else lp.detach()))
             weight = scale * share_units(mb, unit) if mine else 0.0
-            # A non-finite loss here would mean the forward is not deterministic (the no-grad pass saw a finite
-            # one). It is still back-propagated: the gradient-norm check below then refuses the step, which keeps
-            # the engine's accumulation state consistent where skipping one backward would not.
+            # The loss is back-propagated even when non-finite: the gradient-norm check below then refuses the
+            # step (under ZeRO 1-3 DeepSpeed does), which keeps the engine's accumulation state consistent where
+            # skipping one backward would not. That check replaces the no-grad pass that used to catch it first.
             nonfinite += int(mine and weight > 0 and not torch.isfinite(loss))
+            if mine:
+                mask = mb.response_token_mask
+                values = {name: v.item() for name, v in stats.items()}
+                values["entropy"] = masked_mean(entropy, mask).item()
+                if "kl" not in values and mb_ref is not None:  # OAIF's stats carry no KL; drift is worth watching
+                    values["kl"] = masked_mean(kl_estimate(lp.detach(), mb_ref, self.solver.kl_estimator),
+                                               mask).item()
+                weighted.append((values, share_units(mb, unit)))
             # scale_wrt_gas=False: the weight already is the accumulation weight (and gradient_accumulation_steps
             # is 1 anyway). A zero-weight filler pass still runs backward, so every rank reduces together.
             engine.backward(loss * weight if weight else loss.nan_to_num() * 0.0, scale_wrt_gas=False)
+        stats = weighted_means(weighted)
+        refuse = self._any_rank(nonfinite > 0)
         if self.cfg.zero_stage == 0:
             # ZeRO-0 hands the plain torch optimizer the gradients as they are (already averaged over the ranks
-            # at the boundary): check them here.
+            # at the boundary): check them here, and refuse a step any rank saw a non-finite loss in.
             grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
             norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-            if not math.isfinite(norm):
+            if refuse or not math.isfinite(norm):
                 engine.zero_grad()
-                return False, norm, nonfinite
+                return False, norm, refuse, stats
             engine.step()
-            return True, norm, nonfinite
+            return True, norm, refuse, stats
         engine.step()
         # ZeRO 1-3 refuse a step whose gradient norm is inf/NaN (fp32, fp16, and bf16 with check_grad_overflow)
         # and report it here; the norm is None only where DeepSpeed skips computing it.
         norm = engine.get_global_grad_norm()
-        return bool(engine.was_step_applied()), float(norm) if norm is not None else float("nan"), nonfinite
+        applied = bool(engine.was_step_applied())
+        return applied, float(norm) if norm is not None else float("nan"), refuse, stats
 
     # ------------------------------------------------------------------------------------- across the ranks
 

@@ -69,6 +69,10 @@ class TrainBatch:
     """``W``: the column where every response starts (the longest prompt; responses are padded after it)."""
     pad_token_id: int
     """The id used for padding (``attention_mask`` says which positions are padding, not this id)."""
+    behaviour_logprobs: torch.Tensor | None = None
+    """``[B, R]`` float32: the log-prob the rollout engine gave each response token as it sampled it (after its
+    temperature and top-p), 0 on padding; None when any rollout came without them. The learner's importance
+    weights for rollouts that lag its policy (``learner.off_policy_correction``) divide by these."""
 
     # --------------------------------------------------------------------------------------------- sizes
 
@@ -111,6 +115,8 @@ class TrainBatch:
     def to(self, device: torch.device | str) -> TrainBatch:
         """A copy with every tensor on ``device``."""
         tensors = {name: getattr(self, name).to(device) for name in _ROW_TENSORS + ("rewards",)}
+        if self.behaviour_logprobs is not None:
+            tensors["behaviour_logprobs"] = self.behaviour_logprobs.to(device)
         return replace(self, **tensors)
 
     def select_groups(self, groups: Sequence[int]) -> TrainBatch:
@@ -125,8 +131,10 @@ class TrainBatch:
                              device=self.input_ids.device)
         rows = {name: getattr(self, name).index_select(0, index) for name in _ROW_TENSORS}
         group_index = torch.as_tensor(list(groups), dtype=torch.long, device=self.rewards.device)
+        behaviour = (self.behaviour_logprobs.index_select(0, index.to(self.behaviour_logprobs.device))
+                     if self.behaviour_logprobs is not None else None)
         sub = replace(self, rewards=self.rewards.index_select(0, group_index),
-                      prompt_ids=tuple(self.prompt_ids[g] for g in groups), **rows)
+                      prompt_ids=tuple(self.prompt_ids[g] for g in groups), behaviour_logprobs=behaviour, **rows)
         if not len(groups):
             return sub
         new_prompt_w = int(sub.prompt_lengths.max().item())
@@ -134,6 +142,7 @@ class TrainBatch:
         start = self.prompt_width - new_prompt_w
         width = new_prompt_w + new_response_w
         return replace(sub, prompt_width=new_prompt_w, input_ids=sub.input_ids[:, start:start + width],
+                       behaviour_logprobs=behaviour[:, :new_response_w] if behaviour is not None else None,
                        attention_mask=sub.attention_mask[:, start:start + width],
                        position_ids=sub.position_ids[:, start:start + width],
                        response_mask=sub.response_mask[:, start:start + width - 1])
@@ -190,6 +199,11 @@ def collate(groups: Sequence[Sequence[Rollout]], rewards: torch.Tensor | Sequenc
         input_ids[i, prompt_w:prompt_w + q] = torch.tensor(r.response_token_ids, dtype=torch.long)
         attention_mask[i, prompt_w - p:prompt_w + q] = 1
     response_lengths = torch.tensor([len(r.response_token_ids) for r in rows], dtype=torch.long)
+    behaviour = None
+    if all(r.logprobs is not None and len(r.logprobs) == len(r.response_token_ids) for r in rows):
+        behaviour = torch.zeros((len(rows), response_w), dtype=torch.float32)
+        for i, r in enumerate(rows):
+            behaviour[i, :len(r.logprobs)] = torch.tensor(r.logprobs, dtype=torch.float32)
     # Logits at column t predict token t + 1; response token j sits at column prompt_w + j, so it is predicted at
     # column prompt_w - 1 + j. The mask therefore starts one column before the response block.
     cols = torch.arange(width - 1)
@@ -207,6 +221,7 @@ def collate(groups: Sequence[Sequence[Rollout]], rewards: torch.Tensor | Sequenc
         prompt_ids=tuple(group[0].prompt_id for group in groups),
         prompt_width=prompt_w,
         pad_token_id=int(pad_token_id),
+        behaviour_logprobs=behaviour,
     )
 
 
@@ -234,7 +249,11 @@ def select_pairs(batch: TrainBatch) -> TrainBatch:
     index = torch.tensor([g * n + int(i) for g in keep for i in (chosen[g], rejected[g])], dtype=torch.long)
     rows = {name: getattr(batch, name).index_select(0, index.to(batch.input_ids.device)) for name in _ROW_TENSORS}
     pair_rewards = torch.stack([batch.rewards[keep, chosen[keep]], batch.rewards[keep, rejected[keep]]], dim=1)
-    pairs = replace(batch, rewards=pair_rewards, prompt_ids=tuple(batch.prompt_ids[g] for g in keep), **rows)
+    behaviour = batch.behaviour_logprobs
+    if behaviour is not None:
+        behaviour = behaviour.index_select(0, index.to(behaviour.device))
+    pairs = replace(batch, rewards=pair_rewards, prompt_ids=tuple(batch.prompt_ids[g] for g in keep),
+                    behaviour_logprobs=behaviour, **rows)
     return pairs.select_groups(range(len(keep)))  # trims the padding the dropped responses needed
 
 

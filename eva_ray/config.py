@@ -64,6 +64,10 @@ class RunConfig:
                                         "with a checkpoint; 0 stops at once (from the last checkpoint).", ge=0)
     call_timeout_s: float = knob(1800.0, "Longest the driver waits for any one actor call (a step, a checkpoint) "
                                  "before it reports the actor as hung and stops the run.", gt=0)
+    overlap: str = knob("auto", "Generate (and score) the next batch while the learner trains on this one, with "
+                        "the weights the rollout group has (one version behind; needs learner.max_staleness >= "
+                        "learner.sync_every). auto: on under Ray, off inline (one process has nothing to overlap).",
+                        choices=("auto", "on", "off"))
 
 
 @dataclass
@@ -241,6 +245,13 @@ class LearnerConfig:
     sync_backend: str = knob("auto", "Weight channel backend (auto: NCCL when the learner is on a GPU, else gloo).",
                              choices=("auto", "gloo", "nccl"))
     max_staleness: int = knob(1, "Most policy versions a rollout may lag behind the learner.", ge=0)
+    off_policy_correction: str = knob("auto", "Importance weights for tokens of rollouts that lag the learner, from "
+                                      "the rollout engine's log-probs: tis (truncated at is_cap), icepop (0 outside "
+                                      "[icepop_low, icepop_high]) or none. auto: tis when run.overlap is in effect, "
+                                      "else none. RLOO only.", choices=("auto", "none", "tis", "icepop"))
+    is_cap: float = knob(2.0, "TIS: the largest importance weight.", gt=0)
+    icepop_low: float = knob(0.5, "IcePop: tokens whose ratio is below this get weight 0.", ge=0, le=1)
+    icepop_high: float = knob(2.0, "IcePop: tokens whose ratio is above this get weight 0.", ge=1)
     checkpoint_every: int = knob(0, "Write a resumable checkpoint (learner, creator, driver) every N steps and at "
                                  "the end (0: only at the end); `eva-ray run --resume RUN_DIR` continues from the "
                                  "last.", ge=0)
@@ -270,6 +281,7 @@ class ActorResources:
     num_workers: int = knob(1, "Actors in this group.", ge=1)
     num_cpus: float = knob(1.0, "CPUs reserved per actor.", ge=0)
     num_gpus: float = knob(0.0, "GPUs reserved per actor (fractions share a GPU).", ge=0)
+    num_threads: int = knob(0, "Torch CPU threads per actor under Ray (0: its num_cpus rounded, at least 1).", ge=0)
 
 
 @dataclass
@@ -366,6 +378,13 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         problems.append(f"learner.offload_params: needs learner.zero_stage 3, not {cfg.learner.zero_stage}")
     if cfg.learner.offload_optimizer and cfg.learner.zero_stage == 0:
         problems.append("learner.offload_optimizer: needs learner.zero_stage 1, 2 or 3, not 0")
+    if cfg.run.overlap == "on" and cfg.learner.max_staleness < cfg.learner.sync_every:
+        problems.append(f"run.overlap: 'on' trains on rollouts {cfg.learner.sync_every} version(s) behind, more "
+                        f"than learner.max_staleness {cfg.learner.max_staleness}; raise max_staleness or set "
+                        "run.overlap to auto or off")
+    if cfg.learner.off_policy_correction in ("tis", "icepop") and cfg.solver.algorithm != "rloo":
+        problems.append(f"learner.off_policy_correction: {cfg.learner.off_policy_correction} weights RLOO's policy "
+                        f"gradient; solver.algorithm is {cfg.solver.algorithm} (set it to auto or none)")
     if cfg.solver.clip_eps is None and cfg.solver.updates_per_batch > 1:
         problems.append(f"solver.clip_eps: unset while solver.updates_per_batch is "
                         f"{cfg.solver.updates_per_batch}; several updates on one batch need ratio clipping")
@@ -451,7 +470,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, data.get(name, {}) or {}, f"{path}.")
         elif name in data:
-            kwargs[name] = _convert(data[name], tp, path)
+            value = data[name]
+            choices = f.metadata.get("choices") or ()
+            if isinstance(value, bool) and "on" in choices and "off" in choices:
+                value = "on" if value else "off"  # YAML 1.1 reads a bare on / off as a boolean
+            kwargs[name] = _convert(value, tp, path)
             _check_field(kwargs[name], f.metadata, path)
     return cls(**kwargs)
 

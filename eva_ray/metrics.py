@@ -32,7 +32,9 @@ def is_histogram(value: Any) -> bool:
 
 
 # How each train/ metric of a learner rank combines into the global one (see reduce_rank_metrics).
-_SUMMED = {"train/tokens", "train/sequences"}
+# Loss statistics that count something (OAIF's preference pairs): they add up over micro-batches and ranks.
+COUNT_STATS = ("n_pairs",)
+_SUMMED = {"train/tokens", "train/sequences", *(f"train/{k}" for k in COUNT_STATS)}
 _SHARED = {"train/version", "train/lr", "train/updates", "train/skipped", "train/grad_norm", "train/nonfinite_loss",
            "train/nonfinite_grad"}
 _WEIGHT_OF = {"train/spread_fraction": "prompts", "train/reward_mean": "rewards", "train/staleness_mean": "sequences"}
@@ -62,4 +64,19 @@ def reduce_rank_metrics(ranks: list[tuple[dict[str, float], dict[str, float]]]) 
             total = sum(w for v, w in weighted if w > 0 and np.isfinite(v))
             out[key] = (float(sum(v * w for v, w in weighted if w > 0 and np.isfinite(v)) / total) if total
                         else float("nan"))
+    return out
+
+
+def weighted_means(items: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    """Per key, the mean of its values weighted by their item's weight: how the learner combines the loss
+    statistics of its micro-batches, each weighted by its loss units. A non-finite value makes the mean NaN (a NaN
+    loss in one micro-batch must show), as does a total weight of 0. Counts (``COUNT_STATS``) are summed."""
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for values, _ in items for k in values):
+        pairs = [(values[key], w) for values, w in items if key in values and w > 0]
+        if key in COUNT_STATS:
+            out[key] = float(sum(v for v, _ in pairs))
+            continue
+        total = sum(w for _, w in pairs)
+        out[key] = float(sum(v * w for v, w in pairs) / total) if total else float("nan")
     return out

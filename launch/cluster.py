@@ -26,6 +26,7 @@ from launch.handles import ActorHandle, InlineActor, RayActor, gather
 from launch.learner_group import LearnerGroup
 from launch.placement import PlacementError, learner_address, realize
 from launch.plan import Plan, PlanError, Target, make_plan, ray_cluster_gpus, uses_gpus
+from launch.threads import thread_count, thread_env, with_threads
 
 # Set for every actor. Per-actor runtime_env fields merge with a job's (its working_dir stays), so this also holds
 # under `ray job submit`. No network fetch of LiteLLM's price table; no progress bars from every actor's loads.
@@ -284,9 +285,11 @@ def _place_actors(cfg: Config, kwargs: dict[str, dict[str, Any]], pad: int, echo
         raise ClusterError(str(exc)) from exc
 
     def remote(cls, r, role: str, index: int = 0, env: dict[str, str] | None = None, **options):
-        return ray.remote(cls).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus,
-                                       runtime_env={"env_vars": {**ACTOR_ENV, **(env or {})}},
-                                       scheduling_strategy=placed.strategy(role, index), **options)
+        threads = thread_count(r)  # torch threads = the CPUs the actor was given (launch/threads.py)
+        return ray.remote(with_threads(cls, threads)).options(
+            num_cpus=r.num_cpus, num_gpus=r.num_gpus,
+            runtime_env={"env_vars": {**ACTOR_ENV, **thread_env(threads), **(env or {})}},
+            scheduling_strategy=placed.strategy(role, index), **options)
 
     # A rollout worker or the reward actor that dies is started again by Ray; the driver rebuilds the weight channel
     # and retries the step's call. The learner and the creator hold the run's state: their death stops the run.

@@ -12,9 +12,26 @@ Each step reads top to bottom like the algorithm:
     creator step   report      -> informativeness, parents, evolve started in the background
     solver step    train_step  -> RLOO / OAIF update (learner); weights pushed to the rollout group
 
-Shaped for overlap: generating step t+1 only needs the weights of step t - k for a staleness bound k, so a later
-version can start ``generate`` for the next batch before ``train_step`` returns; today the steps run in sequence and
-the staleness bound is checked on every rollout.
+With ``run.overlap`` on (the default under Ray), the learner's step overlaps the next step's rollout::
+
+    step t:   report(t) -> train_step(t) on the learner  ||  next_batch(t+1) -> generate(t+1) -> score(t+1)
+              -> weights pushed (version after t) -> stats
+
+so batch t+1 is sampled by the policy one version behind the one that trains on it (``learner.max_staleness``
+bounds the lag, checked before every train step; the learner corrects it with importance weights,
+``learner.off_policy_correction``). What lags a step, and what does not:
+
+* the creator plans batch t+1 after ``report(t)``: its phase, its seed draws and its buffer draws see batch t's
+  scores and pops, exactly as without overlap; children evolved from batch t can join the buffer only after
+  ``next_batch(t+1)`` ran (in the curriculum world they land first; an LLM evolver takes longer than a step
+  anyway), so they are drawable from step t + 2 on;
+* the informativeness of batch t+1's prompts (their buffer scores, and the parents picked from them) is measured
+  on samples of the policy before update t, one version older than without overlap;
+* the held-out evaluation after step t uses the weights after update t, as without overlap.
+
+Every planned batch is trained exactly once by the next step: nothing is prepared past the run's last step or
+across a checkpoint (a checkpoint's creator state has no batch out), and once SIGTERM asks the run to stop, the
+batch already out is trained before the run stops.
 """
 
 from __future__ import annotations
@@ -42,7 +59,8 @@ from launch.metrics import MetricsLogger
 from launch.plots import write_plots
 from launch.progress import Progress
 from launch.recovery import ActorLost, Restarts, WorkerRestarted, lost_line, resume_command as _resume_command
-from launch.signals import Terminated, reset as reset_signals, restore_sigterm, stop_at_step_end, stop_on_sigterm
+from launch.signals import (Terminated, reset as reset_signals, restore_sigterm, stop_at_step_end, stop_on_sigterm,
+                            terminated)
 
 
 # After an actor died or hung, how long each of the run's closing calls (snapshot, policy, stats) may take.
@@ -195,6 +213,29 @@ def with_world_defaults(cfg: Config) -> Config:
     return cfg
 
 
+def with_resolved_overlap(cfg: Config, *, inline: bool) -> Config:
+    """``run.overlap`` and ``learner.off_policy_correction`` with ``auto`` decided, as the run's config records them.
+
+    Overlap is on under Ray when the staleness bound allows a rollout one sync behind; inline, every actor shares
+    one process and its threads, so there is nothing to overlap. The correction follows: TIS where rollouts lag.
+    """
+    overlap = cfg.run.overlap
+    if overlap == "auto":
+        overlap = "on" if not inline and cfg.learner.max_staleness >= cfg.learner.sync_every else "off"
+    correction = cfg.learner.off_policy_correction
+    if correction == "auto":
+        correction = "tis" if overlap == "on" and cfg.solver.algorithm == "rloo" else "none"
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, overlap=overlap),
+                               learner=dataclasses.replace(cfg.learner, off_policy_correction=correction))
+
+
+def may_prefetch(cfg: Config, step: int) -> bool:
+    """Whether the batch of ``step`` may be prepared during the step before: not past the run's end, not across a
+    checkpoint (the creator's saved state must have no batch out), not once SIGTERM asked the run to stop."""
+    every = cfg.learner.checkpoint_every
+    return step < cfg.run.total_steps and not (every and step % every == 0) and not terminated()
+
+
 def _resume_point(cfg: Config, resume: str | Path) -> tuple[Path, Path, dict[str, Any]]:
     """(run directory, its last checkpoint, the driver's state there); the config must equal the saved one."""
     run_dir = Path(resume)
@@ -210,7 +251,7 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
 
     ``resume``: a run directory to continue from its last checkpoint (``eva-ray run --resume RUN_DIR``).
     """
-    cfg = with_world_defaults(with_resolved_models(cfg))
+    cfg = with_resolved_overlap(with_world_defaults(with_resolved_models(cfg)), inline=inline)
     train, held_out, data_report = load_prompts(cfg)
     saved: dict[str, Any] = {}
     ckpt_path: Path | None = None
@@ -267,10 +308,11 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
             logger.log(0, {"eval": summary.eval_start})  # step 0 of the learning curve: the initial policy
             echo(f"eva-ray: held-out accuracy before training {_levels(summary.eval_start)}")
         progress = Progress(cfg.run.total_steps, enabled=cfg.logging.progress, echo=echo)
+        pipeline = Pipeline(lambda k: may_prefetch(cfg, k)) if cfg.run.overlap == "on" else None
         at_boundary = True
         for step in range(summary.steps_done, cfg.run.total_steps):
             at_boundary = False
-            metrics = one_step(cfg, system, step, summary, restarts)
+            metrics = one_step(cfg, system, step, summary, restarts, pipeline=pipeline)
             summary.phases.append(metrics.pop("phase_name"))
             last = step + 1 == cfg.run.total_steps
             if evaluator and ((cfg.logging.eval_every and (step + 1) % cfg.logging.eval_every == 0) or last):
@@ -289,6 +331,11 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
                     logger.table(step + 1, "creator/evolved_prompts", table_columns,
                                  gather([system.creator.call("evolved_table")])[0])
             summary.steps_done = step + 1
+            if pipeline is not None and pipeline.ahead is not None:
+                # The next batch is out (planned, generated, scored): the run is not at a boundary a checkpoint
+                # can describe until the next step has trained on it. A SIGTERM stops the run after that step.
+                progress.update(step + 1, metrics)
+                continue
             at_boundary = True
             stop_at_step_end()  # a SIGTERM during the step stops the run here, where a checkpoint is consistent
             if cfg.learner.checkpoint_every and (step + 1) % cfg.learner.checkpoint_every == 0 and not last:
@@ -378,14 +425,19 @@ def summary_lines(summary: RunSummary) -> list[str]:
     return lines
 
 
-def one_step(cfg: Config, system: System, step: int, summary: RunSummary,
-             restarts: Restarts | None = None) -> dict[str, Any]:
-    """One step of online eva; returns its metrics (namespaced: train/, rollout/, buffer/, creator/, timing/).
+@dataclass
+class Prepared:
+    """A minibatch with its rollouts and rewards, ready for the creator's report and the learner."""
 
-    With ``restarts``, a rollout worker or the reward actor that dies during its call is waited for (Ray restarts
-    it), resynced, and the call retried.
-    """
-    retry = restarts.call if restarts is not None else (lambda what, fn: fn())
+    step: int
+    batch: Any
+    groups: list
+    result: Any
+    timing: dict[str, float]
+
+
+def prepare(cfg: Config, system: System, step: int, retry) -> Prepared:
+    """The creator's minibatch for ``step``, generated by the rollout group and scored by the reward actor."""
     timing: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -406,14 +458,67 @@ def one_step(cfg: Config, system: System, step: int, summary: RunSummary,
 
     groups = retry("generate", generate)
     lap("generate")
-    summary.max_staleness_seen = max(summary.max_staleness_seen,
-                                     check_staleness(groups, system.learner_version, cfg.learner.max_staleness))
     result = retry("reward", lambda: gather([system.reward.call("score", batch.prompts,
                                                                  [[r.text for r in g] for g in groups])])[0])
     lap("reward")
+    return Prepared(step, batch, groups, result, timing)
+
+
+@dataclass
+class Pipeline:
+    """Rollout overlapped with learning (``run.overlap``): while the learner trains on step t, the next step's
+    batch is planned, generated with the weights the rollout group has (one version behind) and scored.
+
+    ``may_prefetch(step)`` says whether the batch of ``step`` may be prepared ahead; the driver refuses at the
+    run's end, before a checkpoint (whose creator state must have no batch out) and once a stop was asked for, so
+    a prepared batch is always trained by the next step.
+    """
+
+    may_prefetch: Any
+    ahead: Prepared | None = None
+
+
+def one_step(cfg: Config, system: System, step: int, summary: RunSummary,
+             restarts: Restarts | None = None, *, pipeline: Pipeline | None = None) -> dict[str, Any]:
+    """One step of online eva; returns its metrics (namespaced: train/, rollout/, buffer/, creator/, timing/).
+
+    With ``restarts``, a rollout worker or the reward actor that dies during its call is waited for (Ray restarts
+    it), resynced, and the call retried. With ``pipeline``, the step trains on the batch the previous step
+    prepared (if any) and prepares the next one while the learner trains; ``timing/prefetch_s`` is that overlapped
+    work and ``timing/step_s`` the step's wall time.
+    """
+    retry = restarts.call if restarts is not None else (lambda what, fn: fn())
+    start = time.perf_counter()
+    timing: dict[str, float] = {}
+    clock = start
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timing[f"{name}_s"] = now - clock
+        clock = now
+
+    if pipeline is not None and pipeline.ahead is not None:
+        if pipeline.ahead.step != step:
+            raise RuntimeError(f"step {step}: the prepared batch is step {pipeline.ahead.step}'s")
+        ready, pipeline.ahead = pipeline.ahead, None
+        clock = time.perf_counter()
+    else:
+        ready = prepare(cfg, system, step, retry)
+        clock = time.perf_counter()
+    timing.update(ready.timing)
+    groups, result = ready.groups, ready.result
+    # Checked against the learner as it is now, just before training: a prepared batch lags by the updates since.
+    summary.max_staleness_seen = max(summary.max_staleness_seen,
+                                     check_staleness(groups, system.learner_version, cfg.learner.max_staleness))
+    # The report comes before the next batch is planned, so the creator plans step t + 1 knowing step t's scores.
     gather([system.creator.call("report", step, result.rewards)])
     lap("report")
-    train_metrics = gather([system.learner.call("train_step", collate(groups, result.rewards, system.pad_token_id))])[0]
+    training = system.learner.call("train_step", collate(groups, result.rewards, system.pad_token_id))
+    if pipeline is not None and pipeline.may_prefetch(step + 1):
+        pipeline.ahead = prepare(cfg, system, step + 1, retry)
+        lap("prefetch")
+    train_metrics = gather([training])[0]
     system.learner_version = int(train_metrics["train/version"])
     lap("train")
     sync: dict[str, float] = {}
@@ -428,7 +533,7 @@ def one_step(cfg: Config, system: System, step: int, summary: RunSummary,
                 **({"sync_verified": stats["verified"]} if "verified" in stats else {})}
     creator_stats = gather([system.creator.call("stats")])[0]
     lap("stats")
-    timing["step_s"] = sum(timing.values())
+    timing["step_s"] = time.perf_counter() - start
     return {
         "train": {k.removeprefix("train/"): v for k, v in train_metrics.items() if k.startswith("train/")},
         "rollout": rollout_metrics(groups, result.rewards, timing["generate_s"]),

@@ -147,6 +147,7 @@ def rloo_loss(
     old_logprobs: torch.Tensor | None = None,
     clip_eps: float | tuple[float, float] | None = None,
     normalize_advantages: bool = False,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """RLOO policy loss for the KL-regularised objective ``E[r(x, y)] - beta * KL(pi || pi_ref)``.
 
@@ -186,6 +187,10 @@ def rloo_loss(
         old_logprobs: ``[B, T]`` log-probs of the sampling policy, for importance ratios; None means on-policy.
         clip_eps: ratio clip range, ``eps`` or ``(eps_low, eps_high)``; only used with ``old_logprobs``.
         normalize_advantages: whiten advantages over the batch (see :func:`rloo_advantages`).
+        is_weights: ``[B, T]`` per-token importance weights (detached) for responses sampled by an older policy
+            (truncated or masked ratios, see :mod:`eva_ray.losses.off_policy`): each token's policy-gradient term
+            is multiplied by its weight, in both aggregations (``"sequence"``: ``-A_i * sum_t w_it * logp_it``).
+            The KL term is not weighted. None: every weight is 1.
 
     Returns:
         ``(loss, stats)``: a scalar loss and a dict of detached 0-dim tensors (no device sync; call ``.item()``
@@ -216,6 +221,11 @@ def rloo_loss(
         ref_logprobs = torch.where(mask, ref_logprobs.detach(), zero)
     if old_logprobs is not None:
         old_logprobs = torch.where(mask, old_logprobs.detach(), zero)
+    if is_weights is not None:
+        if is_weights.shape != logprobs.shape:
+            raise ValueError(f"is_weights must be shaped like logprobs {tuple(logprobs.shape)}, "
+                             f"got {tuple(is_weights.shape)}")
+        is_weights = torch.where(mask, is_weights.detach().to(logprobs.dtype), zero)
 
     # Rewards and advantages in at least float32 whatever the policy dtype: they are averages of a few numbers.
     reward_dtype = torch.promote_types(rewards.dtype if rewards.is_floating_point() else torch.float32, torch.float32)
@@ -240,12 +250,16 @@ def rloo_loss(
     adv = advantages.reshape(-1)  # [B]
 
     if aggregation == "sequence":
-        old_seq = sequence_logprobs(old_logprobs, mask) if old_logprobs is not None else None
-        per_seq, clipped = _surrogate(sequence_logprobs(logprobs, mask), old_seq, adv, clip_eps)
+        # Token weights enter the sequence log-prob: its gradient is then sum_t w_t * grad logp_t.
+        weigh = (lambda x: x * is_weights) if is_weights is not None else (lambda x: x)
+        old_seq = sequence_logprobs(weigh(old_logprobs), mask) if old_logprobs is not None else None
+        per_seq, clipped = _surrogate(sequence_logprobs(weigh(logprobs), mask), old_seq, adv, clip_eps)
         policy_loss = safe_mean(per_seq)
         clip_fraction = safe_mean(clipped.float())
     else:
         per_token, clipped = _surrogate(logprobs, old_logprobs, adv.unsqueeze(-1), clip_eps)
+        if is_weights is not None:
+            per_token = per_token * is_weights
         policy_loss = masked_mean(per_token, mask)
         clip_fraction = masked_mean(clipped.float(), mask)
 

@@ -44,10 +44,10 @@ def kill_before_step(monkeypatch, victims: dict):
     real = driver.one_step
     killed = []
 
-    def one_step(cfg, system, k, summary, restarts=None):
+    def one_step(cfg, system, k, summary, restarts=None, **kwargs):
         if k in victims and k not in [step for step, _ in killed]:
             killed.append((k, kill(victims[k](system).handle)))
-        return real(cfg, system, k, summary, restarts)
+        return real(cfg, system, k, summary, restarts, **kwargs)
 
     monkeypatch.setattr(driver, "one_step", one_step)
     return killed
