@@ -15,6 +15,14 @@ LiteLLM provider serves a local Hugging Face model instead of a remote API (no n
 cannot route in this process is an :class:`EvolveLLMError` at start-up; retries, timeouts and failure causes are the
 evolver's (:mod:`eva_ray.evolve.evolver`).
 
+Children measured before they are drawn (``creator.child_scoring: probe``, as ACCEL does): landed children wait in
+a probe queue instead of entering the buffer at their parent's score. Once per step the driver takes them
+(:meth:`Creator.probe_requests`), generates ``creator.probe_responses`` rollouts of each with the current policy and
+hands the rewards back (:meth:`Creator.report_probes`); a child enters the buffer at its measured informativeness,
+or is dropped when its rollouts show no reward spread. Probe rollouts are counted with the trained ones
+(``creator/rollouts_total``), so arms compare at equal rollouts. :func:`launch.probing.probe_children` is the
+driver's side.
+
 Nothing is lost: every prompt the creator handles is appended to ``lineage.jsonl`` in the run directory as it
 happens (:mod:`eva_ray.lineage`), and :meth:`Creator.state_dict` / :meth:`Creator.load_state_dict` carry the whole
 state (D's order and cursor, the buffer, the counters, every generator, the evolve requests still in flight) into a
@@ -226,6 +234,10 @@ class Creator:
         self.evolved_rows: deque = deque(maxlen=_TABLE_ROWS)
         self.task_errors: Counter = Counter()
         self.last_batch_info: dict[str, Any] = {}
+        self.probing = cfg.creator.child_scoring == "probe"
+        self._probe_queue: list[PromptRecord] = []  # landed children not yet measured (child_scoring=probe)
+        # Rollouts by purpose, and what probing did with the children: the equal-rollout comparison needs both.
+        self.probe_counts: Counter = Counter()
 
     # ------------------------------------------------------------------------------------------------ next batch
 
@@ -284,6 +296,7 @@ class Creator:
         if len(rewards) != len(batch.prompts):
             raise ValueError(f"step {step}: {len(rewards)} reward rows for {len(batch.prompts)} prompts")
         info = score_prompts(rewards, self.creator_cfg.metric, inverse_eps=self.creator_cfg.inverse_eps)
+        self.probe_counts["rollouts_trained"] += sum(len(row) for row in rewards)
         for record, score in zip(batch.prompts, info.scores):
             record.times_trained += 1
             if np.isfinite(score):
@@ -356,7 +369,16 @@ class Creator:
         """Count an evolve batch, put its children into the buffer and log where every request went."""
         self.counts.add(result.counts)
         self._check_usable(result)
-        children = result.children
+        if self.lineage is not None:
+            self.lineage.write([{"event": o.pop("outcome")} | o for o in (dict(o) for o in result.outcomes)])
+        if self.probing:
+            # Measured before they can be drawn: they wait for the driver's probe rollouts (report_probes).
+            self._probe_queue.extend(result.children)
+            return
+        self._admit(result.children, step)
+
+    def _admit(self, children: list[PromptRecord], step: int) -> None:
+        """Put children into the buffer, oldest entries out to make room, and log it."""
         # Make room first, oldest out (the paper's "pop the oldest to keep size B"), so the evicted records' texts
         # can be released from the duplicate index.
         overflow = min(len(self.buffer), len(self.buffer) + len(children) - self.buffer.capacity)
@@ -373,8 +395,7 @@ class Creator:
             self.evolved_rows.append([step, child.id, child.parent_id, child.operator, child.generation,
                                       child.info, child.prompt_text])
         if self.lineage is not None:
-            events = [{"event": o.pop("outcome")} | o for o in (dict(o) for o in result.outcomes)]
-            events += [{"event": "evicted", "step": step, "id": r.id} for r in evicted]
+            events = [{"event": "evicted", "step": step, "id": r.id} for r in evicted]
             events += [{"event": "added", "step": step, "record": by_id[i].to_dict()} for i in added.added]
             events += [{"event": "duplicate", "step": step, "id": i} for i in added.rejected]
             events += [{"event": "evicted", "step": step, "id": i} for i in added.evicted]
@@ -404,6 +425,60 @@ class Creator:
             self.validator.unregister(record.prompt_text)
         if counter:
             self.add_counts[counter] += len(records)
+
+    # ------------------------------------------------------------------------------------------------ probing
+
+    async def probe_requests(self) -> list[PromptRecord]:
+        """The children waiting to be measured (child_scoring=probe), oldest first; [] otherwise.
+
+        They stay queued until :meth:`report_probes` names them, so a probe lost to a crash is asked again.
+        """
+        if not self.probing:
+            return []
+        await asyncio.sleep(0)  # evolve tasks started by the last report (curriculum: no await inside) land first
+        return list(self._probe_queue)
+
+    async def report_probes(self, step: int, ids: list[str], rewards: list[list[float]]) -> dict[str, Any]:
+        """Rewards ``[P][N]`` of probe rollouts for the queued children ``ids``: admit or drop each one.
+
+        A child's measured informativeness (``creator.metric`` over its N rewards) replaces the parent's score it
+        was born with. A child whose rewards have no spread (all solved or all failed) would give RLOO nothing, so
+        it is dropped (``creator.probe_keep_flat`` keeps it at its measured score). A child whose rewards were all
+        invalid was not measured: it keeps its inherited score and is admitted.
+        """
+        if len(ids) != len(rewards):
+            raise ValueError(f"report_probes: {len(rewards)} reward rows for {len(ids)} children")
+        queued = {c.id: c for c in self._probe_queue}
+        unknown = [i for i in ids if i not in queued]
+        if unknown:
+            raise KeyError(f"report_probes: {unknown[:3]} are not waiting to be probed")
+        info = score_prompts(rewards, self.creator_cfg.metric, inverse_eps=self.creator_cfg.inverse_eps)
+        admitted, dropped, unmeasured = [], [], 0
+        scores = {}
+        for child_id, row, score in zip(ids, rewards, info.scores):
+            child = queued[child_id]
+            finite = [r for r in row if np.isfinite(r)]
+            if not finite:
+                unmeasured += 1
+                admitted.append(child)
+                continue
+            child.info, child.info_measured = float(score), True
+            scores[child_id] = float(score)
+            # Spread, not the metric, decides: the inverse metrics score a flat child highest.
+            (admitted if max(finite) > min(finite) or self.creator_cfg.probe_keep_flat else dropped).append(child)
+        done = set(ids)
+        self._probe_queue = [c for c in self._probe_queue if c.id not in done]
+        self._forget(dropped, None)
+        n_rollouts = sum(len(row) for row in rewards)
+        self.probe_counts.update({"rollouts_probe": n_rollouts, "probed": len(ids), "admitted": len(admitted),
+                                  "dropped": len(dropped), "unmeasured": unmeasured})
+        if self.lineage is not None:
+            dropped_ids = {c.id for c in dropped}
+            self.lineage.write([{"event": "probed", "step": step, "id": i, "info": scores.get(i),
+                                 "kept": i not in dropped_ids} for i in ids])
+        self._admit(admitted, step)
+        return {"probed": len(ids), "admitted": len(admitted), "dropped": len(dropped), "unmeasured": unmeasured,
+                "probe_rollouts": n_rollouts, "scores": scores}
 
     # ------------------------------------------------------------------------------------------------ metrics & end
 
@@ -435,7 +510,15 @@ class Creator:
             "batch_info_mean": batch.get("info_mean", float("nan")),
             "batch_informative_fraction": batch.get("informative_fraction", 0.0),
             "batch_waited_s": batch.get("waited_s", 0.0),
+            # Every rollout the run generated, trained on or spent measuring children (child_scoring=probe).
+            "rollouts_trained": self.probe_counts["rollouts_trained"],
+            "rollouts_probe": self.probe_counts["rollouts_probe"],
+            "rollouts_total": self.probe_counts["rollouts_trained"] + self.probe_counts["rollouts_probe"],
         }
+        if self.probing:
+            creator_metrics.update({f"probe_{k}": self.probe_counts[k] for k in
+                                    ("probed", "admitted", "dropped", "unmeasured")},
+                                   probe_queue=len(self._probe_queue))
         return {"buffer": buffer_metrics, "creator": creator_metrics,
                 "phase_name": batch.get("phase", "warm-up"), "batch": batch}
 
@@ -478,6 +561,7 @@ class Creator:
             "lost_requests": self.lost_requests,
             "in_flight": [flight.to_dict() for _, flight in sorted(self._in_flight.items())],
             "lineage_offset": None if self.lineage is None else self.lineage.offset(),
+            "probe_queue": [r.to_dict() for r in self._probe_queue], "probe_counts": dict(self.probe_counts),
         }
 
     async def load_state_dict(self, state: dict[str, Any], *, in_flight: str = "reissue") -> dict[str, int]:
@@ -504,7 +588,10 @@ class Creator:
         b = state["buffer"]
         self.buffer = GenerativeBuffer.from_records(b["capacity"], [PromptRecord.from_dict(r) for r in b["records"]],
                                                     staleness_coef=b["staleness_coef"])
-        for record in self.buffer.records():  # seeds are registered already, by the constructor
+        # States written before probing existed have neither key.
+        self._probe_queue = [PromptRecord.from_dict(r) for r in state.get("probe_queue", [])]
+        self.probe_counts = Counter(state.get("probe_counts", {}))
+        for record in [*self.buffer.records(), *self._probe_queue]:  # seeds are registered already, by the constructor
             self.validator.register(record.prompt_text)
         self.validator.rejections = Counter(state["validator"]["rejections"])
         self.validator.accepted = state["validator"]["accepted"]

@@ -106,6 +106,9 @@ class WorldConfig:
     num_terms: int = knob(2, "Terms per expression in the seed and held-out sets (chain_sum).", ge=2)
     eval_seed: int = knob(0, "Seed of the held-out set, fixed apart from run.seed so that runs with different "
                           "seeds are scored on the same prompts.")
+    reward: str = knob("verifier", "The world's reward: its own verifier (reasoning-gym's score, with partial "
+                       "credit for a response that contains the answer) or exact (1 for the exact answer, else 0).",
+                       choices=("verifier", "exact"))
 
 
 @dataclass
@@ -130,6 +133,14 @@ class CreatorConfig:
     seed_epochs: int = knob(1, "Passes over D before it counts as exhausted and bootstrap begins.", ge=1)
     bootstrap_wait_s: float = knob(60.0, "In bootstrap, how long next_batch waits for evolved prompts.", ge=0)
     snapshot_every: int = knob(50, "Write a buffer snapshot every N steps (0: only at the end).", ge=0)
+    child_scoring: str = knob("inherit", "How an evolved child enters the buffer: at its parent's score "
+                              "(inherit), or measured first by creator.probe_responses rollouts of the current "
+                              "policy (probe, as in ACCEL), dropped when those show no reward spread.",
+                              choices=("inherit", "probe"))
+    probe_responses: int = knob(4, "Rollouts per child under child_scoring=probe (they count in the run's "
+                                "rollout total).", ge=2)
+    probe_keep_flat: bool = knob(False, "Under child_scoring=probe, admit a child whose probe showed no reward "
+                                 "spread (at its measured score) instead of dropping it.")
 
 
 @dataclass

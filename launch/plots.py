@@ -26,9 +26,25 @@ def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([p[0] for p in pts]), np.array([p[1] for p in pts], dtype=float)) if pts else (np.array([]),) * 2
 
 
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average of ``values [n]`` that stays an average at the ends (divided by the kernel's overlap)."""
+    if window <= 1 or values.size == 0:
+        return values.astype(float)
+    kernel = np.ones(window)
+    return np.convolve(values, kernel, mode="same") / np.convolve(np.ones(values.size), kernel, mode="same")
+
+
+def _window(n: int) -> int:
+    # About 30 points per average: minibatch-8 signals are too noisy per step to read, a run's trend is not.
+    return max(1, n // 30)
+
+
 def learning_curve(rows: list[dict], ax) -> None:
     steps, reward = _series(rows, "rollout/reward_mean")
-    ax.plot(steps, reward, color="0.6", lw=1, label="sampled reward (train)")
+    window = _window(len(reward))
+    ax.plot(steps, reward, color="0.6", lw=0.6, alpha=0.35)  # per step: 8 prompts, too noisy to read alone
+    ax.plot(steps, moving_average(reward, window), color="0.35", lw=1.5,
+            label=f"sampled reward (train, {window}-step avg.)")
     levels = sorted({k for r in rows for k in r if k.startswith("eval/accuracy_level_")})
     for key in levels:
         ax.plot(*_series(rows, key), marker="o", label=f"held-out accuracy L{key.rsplit('_', 1)[1]}")
@@ -37,8 +53,11 @@ def learning_curve(rows: list[dict], ax) -> None:
     else:
         ax.plot(*_series(rows, "eval/win_rate"), marker="o", label="win-rate vs initial policy")
     ax.set_xlabel("learner step")
+    ax.set_ylabel("reward / accuracy")
+    ax.set_ylim(-0.02, 1.02)
     ax.set_title("Learning curve")
-    ax.legend(fontsize=7)
+    # Outside the axes: inside, seven entries cover the accuracy lines wherever they are put.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def curriculum(rows: list[dict], ax) -> None:
@@ -51,10 +70,7 @@ def curriculum(rows: list[dict], ax) -> None:
     counts = np.array([[r.get(k, 0) or 0 for k in keys] for r in rows], dtype=float)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     window = max(1, len(steps) // 40)  # a short moving average keeps the trend readable at minibatch 8
-    kernel = np.ones(window)
-    # Divide by the kernel's overlap so the average stays a share at the ends of the run, where fewer steps exist.
-    norm = np.convolve(np.ones(len(steps)), kernel, mode="same")
-    smooth = np.stack([np.convolve(shares[:, i], kernel, mode="same") / norm for i in range(len(keys))], axis=1)
+    smooth = np.stack([moving_average(shares[:, i], window) for i in range(len(keys))], axis=1)
     ax.stackplot(steps, smooth.T, labels=[f"level {k.rsplit('/', 1)[1]}" for k in keys])
     ax.set_ylim(0, 1)
     ax.set_xlabel("learner step")
@@ -69,13 +85,23 @@ def informativeness(rows: list[dict], axes) -> None:
         hist = last["buffer/info_hist"]
         edges = np.array(hist["edges"])
         axes[0].bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", color="tab:blue")
+    else:
+        axes[0].text(0.5, 0.5, "buffer empty at the end", ha="center", va="center", transform=axes[0].transAxes)
     axes[0].set_title("Informativeness of the buffer's prompts (end)")
     axes[0].set_xlabel("informativeness")
-    axes[1].plot(*_series(rows, "creator/batch_info_mean"), label="minibatch mean")
-    axes[1].plot(*_series(rows, "creator/batch_informative_fraction"), label="share with reward spread")
-    axes[1].set_title("Informativeness of the minibatch")
+    axes[0].set_ylabel("prompts in the buffer")
+    window = 1
+    for key, label, color in (("creator/batch_info_mean", "minibatch mean informativeness", "tab:blue"),
+                              ("creator/batch_informative_fraction", "share with reward spread", "tab:orange")):
+        steps, values = _series(rows, key)
+        window = _window(len(values))
+        # The per-step values of 8 prompts jump around; faint, with the trend drawn over them.
+        axes[1].plot(steps, values, color=color, lw=0.6, alpha=0.25)
+        axes[1].plot(steps, moving_average(values, window), color=color, lw=1.8, label=label)
+    axes[1].set_title(f"Minibatch informativeness (faint: per step; bold: {window}-step avg.)")
     axes[1].set_xlabel("learner step")
-    axes[1].legend(fontsize=7)
+    axes[1].set_ylim(bottom=0)
+    axes[1].legend(fontsize=7, loc="upper right")
 
 
 def write_plots(run_dir: str | Path) -> list[Path]:
@@ -87,9 +113,11 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     rows = _rows(run_dir)
     written = []
-    for name, draw, shape in (("learning_curve", learning_curve, (1, 1)), ("curriculum", curriculum, (1, 1)),
-                              ("informativeness", informativeness, (1, 2))):
-        fig, axes = plt.subplots(*shape, figsize=(6 * shape[1], 4))
+    # The learning curve is wider: its legend sits to the right of the axes.
+    for name, draw, shape, size in (("learning_curve", learning_curve, (1, 1), (8, 4)),
+                                    ("curriculum", curriculum, (1, 1), (6, 4)),
+                                    ("informativeness", informativeness, (1, 2), (12, 4))):
+        fig, axes = plt.subplots(*shape, figsize=size)
         draw(rows, axes)
         fig.tight_layout()
         path = run_dir / f"{name}.png"

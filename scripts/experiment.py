@@ -8,10 +8,15 @@ n_responses, so arms differ only in how the creator picks and evolves prompts:
   uniform  creator.metric=uniform: evolving, but no preference for informative prompts
   greedy   creator.sampling=greedy: top-k buffer sampling instead of weighted sampling
   inverse  creator.metric=inv_a_min: prefers the *least* informative prompts
+  probe    eva with children measured before they are drawn (creator.child_scoring=probe): each new child gets
+           creator.probe_responses rollouts and enters the buffer at its measured score, or is dropped; those
+           rollouts count in the run's rollout total (creator/rollouts_total), reported per run
 
 Each arm runs with several run.seed values; the held-out set is fixed by world.eval_seed, so all arms are scored on
 the same items. The report (--out: experiment.md + experiment.png) gives, per arm, final held-out greedy accuracy
-overall and by level (mean and spread over seeds) and its change from the start.
+overall and by level (mean and spread over seeds) and its change from the start. experiment.json holds the same runs
+one by one, for scripts: the command, and per run its arm, seed, overrides, start and final held-out accuracy
+(overall and by level), the share of trained prompts with a reward spread, steps and rollouts.
 
 Run::
 
@@ -49,7 +54,9 @@ ARMS: dict[str, list[str]] = {
     "uniform": ["creator.metric=uniform"],
     "greedy": ["creator.sampling=greedy"],
     "inverse": ["creator.metric=inv_a_min"],
+    "probe": ["creator.child_scoring=probe"],
 }
+DEFAULT_ARMS = ("eva", "static", "uniform", "greedy", "inverse")  # probe is asked for by name (--arms)
 LEVELS = range(1, 6)
 INDEX = "index.json"
 READING_HEADING = "\n## Reading"
@@ -200,6 +207,28 @@ def informative_share(rows: list[dict]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def run_rollouts(run_dir: str | Path, rows: list[dict], steps: int) -> int | None:
+    """Rollouts the run generated: trained and (child_scoring=probe) probe rollouts, as the creator counted them.
+
+    Runs from before the creator counted them trained ``batch_size x n_responses`` a step (short bootstrap batches
+    aside), which is what is returned for them.
+    """
+    totals = [row["creator/rollouts_total"] for row in rows if row.get("creator/rollouts_total") is not None]
+    if totals:
+        return int(totals[-1])
+    try:
+        import yaml
+
+        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+        return int(steps * cfg["creator"]["batch_size"] * cfg["solver"]["n_responses"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def accuracy_keys(acc: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in acc.items() if k == "accuracy" or k.startswith("accuracy_level_")}
+
+
 def collect(records: list[dict]) -> dict[str, list[dict]]:
     """Per arm: one entry per seed with start/final accuracy by key and its learning curve."""
     by_arm: dict[str, list[dict]] = {}
@@ -211,7 +240,9 @@ def collect(records: list[dict]) -> dict[str, list[dict]]:
         rows = metric_rows(rec["run_dir"])  # read once for both the curve and the spread share
         by_arm.setdefault(rec["arm"], []).append({
             "seed": rec["seed"], "wall_s": rec.get("wall_s"), "start": start, "final": final,
-            "curve": curve(rows, start["accuracy"]), "informative": informative_share(rows)})
+            "curve": curve(rows, start["accuracy"]), "informative": informative_share(rows),
+            "overrides": [*rec.get("overrides", []), *ARMS.get(rec["arm"], [])], "steps": rec["steps"],
+            "rollouts": run_rollouts(rec["run_dir"], rows, rec["steps"]), "run_dir": rec["run_dir"]})
     return by_arm
 
 
@@ -321,6 +352,24 @@ def write_markdown(path: Path, by_arm: dict[str, list[dict]], args: argparse.Nam
     path.write_text("\n".join(lines) + reading)
 
 
+def write_json(path: Path, by_arm: dict[str, list[dict]], args: argparse.Namespace, command: str,
+                failed: list[dict]) -> None:
+    """The runs one by one (docs/experiment.json): what a script comparing arms or levers reads."""
+    runs = []
+    for arm in [a for a in args.arm_list if a in by_arm]:
+        for s in sorted(by_arm[arm], key=lambda s: s["seed"]):
+            runs.append({"arm": arm, "seed": s["seed"], "overrides": s["overrides"],
+                         "start": accuracy_keys(s["start"]), "final": accuracy_keys(s["final"]),
+                         "spread_share": s["informative"], "steps": s["steps"], "rollouts": s["rollouts"],
+                         "wall_s": s["wall_s"]})
+    report = {"command": command, "date": dt.date.today().isoformat(),
+              "base_config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config),
+              "runs": runs,
+              "stopped_early": [{k: rec.get(k) for k in ("arm", "seed", "steps", "steps_done", "accuracy_at_stop",
+                                                         "error")} for rec in failed]}
+    path.write_text(json.dumps(report, indent=1) + "\n")
+
+
 def kept_reading(path: Path) -> str:
     """The hand-written ``## Reading`` section at the end of an existing report, so that regenerating keeps it."""
     try:
@@ -399,11 +448,11 @@ def write_plot(path: Path, by_arm: dict[str, list[dict]], arm_order: list[str], 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
     p.add_argument("--seeds", type=int, default=3, help="number of run.seed values per arm")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
     p.add_argument("--steps", type=int, default=2000, help="learner steps per run (run.total_steps)")
-    p.add_argument("--out", default=str(REPO / "docs"), help="where experiment.md and experiment.png go")
+    p.add_argument("--out", default=str(REPO / "docs"), help="where experiment.md, .json and .png go")
     p.add_argument("--runs-dir", default=str(REPO / "runs" / "experiment"), help="run directories and index.json")
     p.add_argument("--config", type=Path, default=REPO / "launch" / "default_run.yaml", help="base config YAML")
     p.add_argument("--inline", action=argparse.BooleanOptionalAction, default=True,
@@ -411,7 +460,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="run nothing; report the finished runs")
     p.add_argument("--retry-failed", action="store_true", help="run again the runs that stopped early before")
     p.add_argument("--quiet", action="store_true", help="silence the per-run driver output")
-    p.add_argument("--name", default="experiment", help="report file names: <out>/<name>.md and <out>/<name>.png")
+    p.add_argument("--name", default="experiment", help="report file names: <out>/<name>.md, .json and .png")
     p.add_argument("overrides", nargs="*", help="dotted config overrides applied to every arm, e.g. solver.beta=0.1")
     args = p.parse_args(argv)
     args.arm_list = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -440,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_markdown(out / f"{args.name}.md", by_arm, args, command, failed)
+    write_json(out / f"{args.name}.json", by_arm, args, command, failed)
     write_plot(out / f"{args.name}.png", by_arm, args.arm_list, failed)
     print((out / f"{args.name}.md").read_text(), flush=True)
     return 1 if failed else 0

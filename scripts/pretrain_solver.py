@@ -25,6 +25,12 @@ AutoTokenizer.
 
     python scripts/pretrain_solver.py --out eva_ray/worlds/checkpoints/chain_sum_solver     # ~270 s on 2 cores
     python scripts/pretrain_solver.py --out /tmp/solver --steps 20 --eval-per-level 0
+
+``--init FOLDER`` continues from a saved solver (its weights, same shape and tokenizer) instead of a fresh
+initialisation, e.g. more training on the frontier levels of the shipped one:
+
+    python scripts/pretrain_solver.py --init eva_ray/worlds/checkpoints/chain_sum_solver --mix 1:0.1,2:0.3,3:0.6 \
+        --lr 5e-4 --min-lr 5e-5 --steps 1500 --out /tmp/solver_l3
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "unset: as many as --time-budget allows")
     p.add_argument("--time-budget", type=float, default=270.0, help="seconds of training (evaluation excluded)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None, help="continue from this saved solver folder instead of a fresh model")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr", type=float, default=1e-4)
@@ -137,6 +144,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = char_tokenizer()
     encoder = Encoder(tokenizer)
     model = build_model(tokenizer, args.seed)
+    if args.init:
+        from transformers import LlamaForCausalLM
+
+        # Same shape and tokenizer as a fresh model: only the weights come from the saved solver (strict load).
+        model.load_state_dict(LlamaForCausalLM.from_pretrained(args.init, dtype=torch.float32).state_dict())
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     data_rng = np.random.default_rng(np.random.SeedSequence([args.seed, 0x5F7]))

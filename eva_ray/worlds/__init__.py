@@ -7,6 +7,7 @@ rest of ``eva_ray``; reasoning-gym (the task generators) is imported only when a
     from eva_ray.worlds import get_world, resolve_world_model
     world = get_world("chain_sum")                       # the module eva_ray.worlds.chain_sum
     folder = resolve_world_model("world:chain_sum_solver")   # the shipped SFT solver (a Hugging Face folder)
+    reward_function("chain_sum", "exact")                # "eva_ray.worlds.chain_sum:exact_reward"
 
 Shipped solvers live in ``eva_ray/worlds/checkpoints/<name>/`` (``save_pretrained`` folders, safetensors) and are
 named in a config as ``world:<name>``.
@@ -32,6 +33,14 @@ def get_world(name: str) -> ModuleType:
     return importlib.import_module(f"eva_ray.worlds.{name}")
 
 
+def reward_function(name: str, mode: str = "verifier") -> str:
+    """The ``reward.function`` path (``module:callable``) of world ``name``'s reward ``mode`` (``world.reward``)."""
+    rewards = getattr(get_world(name), "REWARDS", {"verifier": "reward"})
+    if mode not in rewards:
+        raise ValueError(f"world {name!r} has no reward {mode!r}; it has: {', '.join(rewards)}")
+    return f"eva_ray.worlds.{name}:{rewards[mode]}"
+
+
 def is_world_model(path: str | None) -> bool:
     return path is not None and path.startswith(WORLD_SCHEME)
 
@@ -50,4 +59,4 @@ def resolve_world_model(path: str) -> str:
 
 
 __all__ = ["CHECKPOINT_DIR", "WORLDS", "WORLD_MODELS", "WORLD_SCHEME", "get_world", "is_world_model",
-           "resolve_world_model"]
+           "resolve_world_model", "reward_function"]

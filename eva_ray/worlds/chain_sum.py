@@ -12,6 +12,7 @@ sees the bare expression ``57-87=`` (short prompts keep a tiny model's steps che
     D = chain_sum.seed_set(2000, {1: .2, 2: .2, 3: .2, 4: .2, 5: .2}, seed=0)   # PromptRecords, meta filled
     E = chain_sum.eval_set(400, seed=0)                                        # held out: disjoint from any D
     chain_sum.reward(D[0], "-30")                                              # score_answer: 1.0, 0.75, 0.0 ...
+    chain_sum.exact_reward(D[0], "-300")                                       # 0.0: no credit for near misses
 
 Held-out split. Every expression belongs to exactly one of two fixed partitions, chosen by a stable hash of its text
 (:func:`is_held_out`, 20% held out). Seed sets, the solver's SFT data and curriculum children are drawn from the
@@ -296,6 +297,31 @@ def reward(prompt: PromptRecord, response: str) -> float:
     except Exception:  # noqa: BLE001 - the verifier must never sink a batch
         return 0.0
     return value if np.isfinite(value) else 0.0
+
+
+_INTEGER_RE = re.compile(r"^[+-]?\d+$")
+
+
+def exact_reward(prompt: PromptRecord, response: str) -> float:
+    """1.0 when ``response`` (whitespace stripped) is the answer as an integer, else 0.0 (``world.reward: exact``).
+
+    The verifier's partial credit (0.75 for ``-300`` against ``-30``, 0.25 for text around the answer) gives a
+    near miss a reward spread of its own, so RLOO pushes the policy towards answers that merely contain the right
+    digits; here only a solve counts, the same event the held-out accuracy counts. Leading zeros and a ``+`` sign
+    are accepted, as the verifier accepts them. Never raises for a response; a prompt that is not a chain_sum task
+    raises ValueError, as in :func:`reward`.
+    """
+    answer = answer_of(prompt)
+    if not isinstance(response, str):
+        return 0.0
+    text = response.strip()
+    if not _INTEGER_RE.match(text):
+        return 0.0
+    return 1.0 if int(text) == int(answer) else 0.0
+
+
+REWARDS: dict[str, str] = {"verifier": "reward", "exact": "exact_reward"}
+"""``world.reward`` -> the name of this module's reward function."""
 
 
 # --- evaluating a solver --------------------------------------------------------------------------------------------
