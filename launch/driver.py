@@ -309,6 +309,9 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
             echo(f"eva-ray: held-out accuracy before training {_levels(summary.eval_start)}")
         progress = Progress(cfg.run.total_steps, enabled=cfg.logging.progress, echo=echo)
         pipeline = Pipeline(lambda k: may_prefetch(cfg, k)) if cfg.run.overlap == "on" else None
+        if pipeline is not None:
+            echo(f"eva-ray: the next batch is generated while the learner trains (run.overlap on; rollouts one "
+                 f"version behind, off-policy correction {cfg.learner.off_policy_correction})")
         at_boundary = True
         for step in range(summary.steps_done, cfg.run.total_steps):
             at_boundary = False
@@ -485,7 +488,9 @@ def one_step(cfg: Config, system: System, step: int, summary: RunSummary,
     With ``restarts``, a rollout worker or the reward actor that dies during its call is waited for (Ray restarts
     it), resynced, and the call retried. With ``pipeline``, the step trains on the batch the previous step
     prepared (if any) and prepares the next one while the learner trains; ``timing/prefetch_s`` is that overlapped
-    work and ``timing/step_s`` the step's wall time.
+    work, ``timing/train_s`` only the wait for the learner left after it (the learner's own time is
+    ``timing/learner_s``), ``next_batch_s`` / ``generate_s`` / ``reward_s`` describe this step's batch wherever it was
+    prepared, and ``timing/step_s`` is the step's wall time.
     """
     retry = restarts.call if restarts is not None else (lambda what, fn: fn())
     start = time.perf_counter()

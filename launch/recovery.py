@@ -13,6 +13,7 @@ The learner and the creator hold the run's state: their death (or any actor that
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import Counter
@@ -81,6 +82,10 @@ def lost_line(exc: BaseException, run_dir: str, last_checkpoint: int | None) -> 
     return f"{what}; the last checkpoint is step {last_checkpoint}; resume with: {resume_command(run_dir)}"
 
 
+def _process_id(actor: Any) -> int:
+    return os.getpid()
+
+
 class Restarts:
     """Retries a driver call across restarts of rollout workers and the reward actor, and counts them."""
 
@@ -93,9 +98,25 @@ class Restarts:
         self.counts: Counter = Counter()
         self._on_ray = hasattr(system.rollout.workers[0], "handle")  # a Ray actor (inline ones never restart)
         self._pids = self._worker_pids() if self._on_ray and max_restarts else []
+        self._reward_pid = self._pid_of_reward() if self._on_ray and max_restarts else None
 
     def _worker_pids(self) -> list[int]:
         return [int(s.get("pid", -1)) for s in gather([w.call("stats") for w in self.system.rollout.workers])]
+
+    def _pid_of_reward(self) -> int:
+        return int(gather([self.system.reward.handle.__ray_call__.remote(_process_id)])[0])
+
+    def _count_quiet_reward_restart(self) -> None:
+        """A reward actor that died between two calls comes back before the next one fails: nothing to retry (it
+        holds no state), but the restart is counted and said."""
+        if self._reward_pid is None:
+            return
+        self._wait_ready(self.system.reward)  # a restart under way answers "unavailable" until it is done
+        pid = self._pid_of_reward()
+        if pid != self._reward_pid:
+            self._reward_pid = pid
+            self.counts["reward"] += 1
+            self.echo("eva-ray: the reward actor was restarted by Ray between two calls")
 
     def restarted_workers(self) -> list[str]:
         """Rollout workers whose process changed since it was last seen (each answers ``stats``)."""
@@ -139,6 +160,8 @@ class Restarts:
             self.system.reconnect_weights()
             self.system.sync_weights()
             self._pids = self._worker_pids()
+        else:
+            self._reward_pid = self._pid_of_reward()
         self.counts[kind] += 1
         self.echo(f"eva-ray: {name} is back after {time.monotonic() - t0:.1f}s"
                   + (f"; weights resynced at version {self.system.synced_version}" if kind == "rollout" else ""))
@@ -162,4 +185,5 @@ class Restarts:
 
     def metrics(self) -> dict[str, dict[str, int]]:
         """Restarts so far, by group (``rollout/restarts``, ``reward/restarts``)."""
+        self._count_quiet_reward_restart()
         return {"rollout": {"restarts": self.counts["rollout"]}, "reward": {"restarts": self.counts["reward"]}}
