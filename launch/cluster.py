@@ -97,9 +97,13 @@ class System:
         weight_sync.reconnect(self.learner, self.rollout.workers, self._channel_host, **self._channel_args)
         self.synced_version = -1  # a restarted worker holds the starting weights, whatever the others hold
 
-    def sync_weights(self) -> dict[str, float]:
-        """Stream the learner's current weights to the rollout group over the channel; returns the sync's stats."""
-        stats = weight_sync.sync(self.learner, self.rollout.workers, self.learner_version, self.sync_timeout_s)
+    def sync_weights(self, *, expect_version: bool = True) -> dict[str, float]:
+        """Stream the learner's current weights to the rollout group over the channel; returns the sync's stats.
+
+        ``expect_version=False``: the learner may be ahead of ``learner_version`` (a worker restarted while the
+        overlapped loop had a train step in flight); the workers take whatever version it sends."""
+        stats = weight_sync.sync(self.learner, self.rollout.workers,
+                                 self.learner_version if expect_version else None, self.sync_timeout_s)
         self.synced_version = int(stats["version"])
         if self.verify_sync:
             weight_sync.verify(self.learner, self.rollout.workers, self._manifest)

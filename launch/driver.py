@@ -516,10 +516,11 @@ def one_step(cfg: Config, system: System, step: int, summary: RunSummary,
     # Checked against the learner as it is now, just before training: a prepared batch lags by the updates since.
     summary.max_staleness_seen = max(summary.max_staleness_seen,
                                      check_staleness(groups, system.learner_version, cfg.learner.max_staleness))
-    # The report comes before the next batch is planned, so the creator plans step t + 1 knowing step t's scores.
+    # The learner starts first (it needs nothing from the creator), so the report overlaps training too. The report
+    # still comes before the next batch is planned, so the creator plans step t + 1 knowing step t's scores.
+    training = system.learner.call("train_step", collate(groups, result.rewards, system.pad_token_id))
     gather([system.creator.call("report", step, result.rewards)])
     lap("report")
-    training = system.learner.call("train_step", collate(groups, result.rewards, system.pad_token_id))
     if pipeline is not None and pipeline.may_prefetch(step + 1):
         pipeline.ahead = prepare(cfg, system, step + 1, retry)
         lap("prefetch")
@@ -527,6 +528,7 @@ def one_step(cfg: Config, system: System, step: int, summary: RunSummary,
     system.learner_version = int(train_metrics["train/version"])
     lap("train")
     sync: dict[str, float] = {}
+    asked = system.creator.call("stats")  # answered while the weights are pushed
     # A step that applied no update (no reward spread, a non-finite loss) left the weights as the workers have them.
     if (step + 1) % cfg.learner.sync_every == 0 and system.learner_version != system.synced_version:
         # After a restart the recovery itself resynced: nothing left to send.
@@ -536,7 +538,7 @@ def one_step(cfg: Config, system: System, step: int, summary: RunSummary,
         sync = {"sync_bytes": stats["bytes"], "sync_buckets": stats["buckets"],
                 "sync_mb_per_s": stats["bytes"] / (1 << 20) / stats["seconds"] if stats["seconds"] > 0 else 0.0,
                 **({"sync_verified": stats["verified"]} if "verified" in stats else {})}
-    creator_stats = gather([system.creator.call("stats")])[0]
+    creator_stats = gather([asked])[0]
     lap("stats")
     timing["step_s"] = time.perf_counter() - start
     return {

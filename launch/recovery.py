@@ -158,7 +158,8 @@ class Restarts:
         kind = "reward" if name == "reward" else "rollout"
         if kind == "rollout":
             self.system.reconnect_weights()
-            self.system.sync_weights()
+            # With rollout overlapped with learning the learner may be mid-step: take the version it sends.
+            self.system.sync_weights(expect_version=False)
             self._pids = self._worker_pids()
         else:
             self._reward_pid = self._pid_of_reward()

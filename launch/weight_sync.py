@@ -71,13 +71,18 @@ def reconnect(learner: ActorHandle, workers: list[ActorHandle], host: str, *, bu
     return connect(learner, workers, host, bucket_bytes=bucket_bytes, timeout_s=timeout_s, backend=backend)
 
 
-def sync(learner: ActorHandle, workers: list[ActorHandle], version: int, timeout_s: float) -> dict[str, float]:
-    """Push the learner's weights to every worker; returns the learner's sync stats. Raises naming the failed actor."""
+def sync(learner: ActorHandle, workers: list[ActorHandle], version: int | None, timeout_s: float) -> dict[str, float]:
+    """Push the learner's weights to every worker; returns the learner's sync stats. Raises naming the failed actor.
+
+    ``version`` is the one the driver expects the learner to send; None accepts whatever it holds (a recovery
+    while a train step is in flight, whose result the driver has not seen yet). Every worker must report the
+    version the learner sent either way."""
     futures = [learner.call("push_weights")] + [w.call("receive_weights") for w in workers]
     names = [learner.name] + [w.name for w in workers]
     stats, *versions = _raise_on_failure(names, settle(futures, timeout=timeout_s + _GRACE_S),
                                          f"weight sync of version {version}")
-    wrong = {name: v for name, v in zip(names[1:], versions) if v != stats["version"] or v != version}
+    wrong = {name: v for name, v in zip(names[1:], versions)
+             if v != stats["version"] or (version is not None and v != version)}
     if wrong:
         raise WeightSyncError(f"weight sync: the learner sent version {stats['version']} (expected {version}) but "
                               f"workers report {wrong}")

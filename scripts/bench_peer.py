@@ -332,8 +332,12 @@ def creator_bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         work = root / f"{arm}-r{r + 1}"
         # The default run as it ships, but for its length, the evolve method, and no held-out evaluation (outside
         # the step either way, and minutes on top).
+        # Without a creator nothing refills the buffer once D is used up (step 125 of the default run), so the static
+        # arm passes over D again, as the experiment's static-D baseline does.
+        static = ["creator.seed_epochs=100"] if arm == "none" else []
         cmd = eva_cmd(f"run.total_steps={args.creator_steps}", "logging.eval_every=0", "world.eval_per_level=0",
-                      f"evolve.method={arm}", f"run.output_dir={work / 'runs'}", "logging.wandb_mode=disabled")
+                      f"evolve.method={arm}", *static, f"run.output_dir={work / 'runs'}",
+                      "logging.wandb_mode=disabled")
         return run_eva(arm, cmd, work, args.arm_timeout)
 
     return {"arms": run_rounds(list(CREATOR_ARMS), args.rounds, args.warmup, run_one), "refs": ["none"]}

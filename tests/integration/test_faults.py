@@ -78,6 +78,21 @@ def test_a_rollout_worker_and_the_reward_actor_killed_mid_run_are_restarted_and_
     assert json.loads((run_dir / "summary.json").read_text())["restarts"]["rollout"] == 1
 
 
+def test_a_rollout_worker_killed_while_the_next_batch_is_generated_during_training_is_restarted(tmp_path,
+                                                                                                monkeypatch):
+    from launch.driver import run
+
+    # No checkpoints: every step prepares the next batch while the learner trains, so the dead worker is met by
+    # that generate call, and the recovery resyncs from a learner that is still in its step.
+    killed = kill_before_step(monkeypatch, {2: lambda system: system.rollout.workers[1]})
+    summary = run(config(tmp_path, "resources.rollout.num_workers=2", "learner.checkpoint_every=0"), echo=print)
+    assert [step for step, _ in killed] == [2]
+    assert summary.steps_done == 8 and summary.error is None and summary.restarts == {"rollout": 1}
+    rows = metrics(Path(summary.run_dir))
+    assert [r["rollout/restarts"] for r in rows] == [0, 0] + [1] * 6
+    assert rows[2]["timing/prefetch_s"] > 0 and summary.max_staleness_seen <= 1
+
+
 def test_a_killed_learner_stops_the_run_with_the_resume_line_and_resume_finishes_it(tmp_path, monkeypatch):
     from launch.driver import run
     from launch.recovery import ActorLost

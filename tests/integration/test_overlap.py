@@ -152,7 +152,7 @@ def test_the_staleness_bound_still_raises_in_the_overlapped_loop(tmp_path, monke
     from launch.driver import StalePolicyError, run
 
     # Weight pushes that silently do nothing: the rollouts keep coming from version 0 while the learner moves on.
-    monkeypatch.setattr(System, "sync_weights", lambda self: {"bytes": 0, "buckets": 0, "seconds": 0.0})
+    monkeypatch.setattr(System, "sync_weights", lambda self, **kw: {"bytes": 0, "buckets": 0, "seconds": 0.0})
     with pytest.raises(StalePolicyError, match="lags 2 policy versions"):
         run(world_config(tmp_path, **{"run.total_steps": 6, "learner.checkpoint_every": 0}), inline=True,
             echo=lambda line: None)

@@ -260,12 +260,12 @@ def test_a_worker_killed_during_a_sync_is_restarted_rejoins_the_channel_and_the_
     real_sync = System.sync_weights
     calls = []
 
-    def sync_after_killing_worker_1(self):
+    def sync_after_killing_worker_1(self, **kwargs):
         calls.append(1)
         if len(calls) == 2:  # the second sync: the first one proved the channel works
             victim = self.rollout.workers[1].handle
             os.kill(ray.get(victim.__ray_call__.remote(lambda actor: os.getpid())), signal.SIGKILL)
-        return real_sync(self)
+        return real_sync(self, **kwargs)
 
     monkeypatch.setattr(System, "sync_weights", sync_after_killing_worker_1)
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
