@@ -57,6 +57,7 @@ from launch.cluster import System, start_system
 from launch.handles import gather, set_call_timeout
 from launch.metrics import MetricsLogger
 from launch.plots import write_plots
+from launch.probing import probe_children
 from launch.progress import Progress
 from launch.recovery import ActorLost, Restarts, WorkerRestarted, lost_line, resume_command as _resume_command
 from launch.signals import (Terminated, reset as reset_signals, restore_sigterm, stop_at_step_end, stop_on_sigterm,
@@ -521,6 +522,10 @@ def one_step(cfg: Config, system: System, step: int, summary: RunSummary,
     training = system.learner.call("train_step", collate(groups, result.rewards, system.pad_token_id))
     gather([system.creator.call("report", step, result.rewards)])
     lap("report")
+    # creator.child_scoring=probe: children evolved so far are measured before the next batch can draw them.
+    probe = probe_children(cfg, system, step + 1, retry)
+    if probe:
+        lap("probe")
     if pipeline is not None and pipeline.may_prefetch(step + 1):
         pipeline.ahead = prepare(cfg, system, step + 1, retry)
         lap("prefetch")
@@ -549,5 +554,6 @@ def one_step(cfg: Config, system: System, step: int, summary: RunSummary,
         "timing": timing | {k.removeprefix("timing/"): v for k, v in train_metrics.items()
                             if k.startswith("timing/")},
         "perf": sync,
+        **({"probe": probe} if probe else {}),
         "phase_name": creator_stats["phase_name"],
     }
