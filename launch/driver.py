@@ -51,7 +51,7 @@ from eva_ray.config import Config, from_dict, read_yaml, to_dict, to_yaml
 from eva_ray.data import load_seed_prompts, split_seed_set
 from eva_ray.records import PromptRecord
 from eva_ray.tiny import resolve_model_path
-from eva_ray.worlds import get_world
+from eva_ray.worlds import get_world, reward_function
 from launch import checkpoint
 from launch.cluster import System, start_system
 from launch.handles import gather, set_call_timeout
@@ -207,10 +207,11 @@ def with_resolved_models(cfg: Config) -> Config:
 
 
 def with_world_defaults(cfg: Config) -> Config:
-    """A world supplies its own verifier as the reward function unless the config names another."""
+    """A world supplies its own reward function (``world.reward``: its verifier, or exact match) unless the config
+    names another."""
     if cfg.world.name and cfg.reward.backend == "function" and not cfg.reward.function:
         return dataclasses.replace(cfg, reward=dataclasses.replace(
-            cfg.reward, function=f"eva_ray.worlds.{cfg.world.name}:reward"))
+            cfg.reward, function=reward_function(cfg.world.name, cfg.world.reward)))
     return cfg
 
 
