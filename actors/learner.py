@@ -552,7 +552,9 @@ class Learner:
                     metrics["train/nonfinite_loss"] += 1.0
                     self._advance_schedule(s.updates_per_batch - update)
                     break
-            applied, grad_norm, nonfinite, micro_stats = self._update(micros, ref, old, unit, n_micro, scale)
+            # The micro-batches' stats are the step's metrics only with one update (else the no-grad pass has them).
+            applied, grad_norm, nonfinite, micro_stats = self._update(micros, ref, old, unit, n_micro, scale,
+                                                                      collect_stats=stats is None and update == 0)
             if update == 0:
                 metrics.update({f"train/{k}": v for k, v in (stats or micro_stats).items()})
             metrics["train/nonfinite_loss"] += float(nonfinite)
@@ -578,7 +580,8 @@ class Learner:
         return importance_weights(learner_logprobs, behaviour, lagging, batch.response_token_mask, self._correction)
 
     def _update(self, micros: list[TrainBatch], ref: torch.Tensor | None, old: torch.Tensor | None, unit: str,
-                n_micro: int, scale: float) -> tuple[bool, float, bool, dict[str, float]]:
+                n_micro: int, scale: float, *, collect_stats: bool = True,
+                ) -> tuple[bool, float, bool, dict[str, float]]:
         """One optimizer update over all micro-batches; ``(applied, grad norm before clipping, whether any rank saw
         a non-finite loss, stats)``.
 
@@ -594,7 +597,7 @@ class Learner:
         offsets = [0]
         for mb in micros:
             offsets.append(offsets[-1] + mb.num_sequences)
-        weighted: list[tuple[dict[str, float], dict[str, float]]] = []
+        weighted: list[tuple[dict[str, float], float]] = []  # (stats, loss units) per micro-batch (collect_stats)
         for k in range(n_micro):
             mine = k < len(micros)
             mb = micros[k] if mine else micros[0]
@@ -602,7 +605,8 @@ class Learner:
             r = mb.response_width
             # Gradients are reduced and partitioned (ZeRO 2/3) at the boundary; only the last micro-batch is one.
             engine.set_gradient_accumulation_boundary(k == n_micro - 1)
-            lp, entropy = self._logprobs(engine, mb, with_entropy=mine)
+            keep = mine and collect_stats
+            lp, entropy = self._logprobs(engine, mb, with_entropy=keep)
             mb_old = old[rows, :r] if old is not None else None
             mb_ref = ref[rows, :r] if ref is not None else None
             loss, stats = self._loss(lp, mb_ref, mb_old if self._use_ratio else None, mb,
@@ -612,7 +616,7 @@ class Learner:
             # step (under ZeRO 1-3 DeepSpeed does), which keeps the engine's accumulation state consistent where
             # skipping one backward would not. That check replaces the no-grad pass that used to catch it first.
             nonfinite += int(mine and weight > 0 and not torch.isfinite(loss))
-            if mine:
+            if keep:  # .item() synchronises a GPU: only for the metrics that will be reported
                 mask = mb.response_token_mask
                 values = {name: v.item() for name, v in stats.items()}
                 values["entropy"] = masked_mean(entropy, mask).item()

@@ -14,8 +14,8 @@ Each step reads top to bottom like the algorithm:
 
 With ``run.overlap`` on (the default under Ray), the learner's step overlaps the next step's rollout::
 
-    step t:   report(t) -> train_step(t) on the learner  ||  next_batch(t+1) -> generate(t+1) -> score(t+1)
-              -> weights pushed (version after t) -> stats
+    step t:   train_step(t) on the learner  ||  report(t) -> next_batch(t+1) -> generate(t+1) -> score(t+1)
+              -> weights pushed (version after t), stats answered meanwhile
 
 so batch t+1 is sampled by the policy one version behind the one that trains on it (``learner.max_staleness``
 bounds the lag, checked before every train step; the learner corrects it with importance weights,
