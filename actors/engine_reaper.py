@@ -8,6 +8,7 @@ death, then kills the engine's processes and unlinks the segments they created t
 
     reaper = start_reaper(owner_pid, engine_pids, shm_names)   # after the engine is up
     reaper.terminate()                                         # on a clean close, after the engine shut down
+    reap_own(engine_pids, shm_names)                           # then whatever a slow shutdown left behind
 
 Linux only (it reads ``/proc``); elsewhere :func:`start_reaper` returns None and nothing is watched.
 """
@@ -65,7 +66,7 @@ def _mapped(name: str) -> bool:
     return False
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -86,7 +87,7 @@ def reap(pids: list[int], names: list[str]) -> None:
         except OSError:
             pass
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     for name in names:
         if (SHM / name).exists() and not _mapped(name):
@@ -96,8 +97,18 @@ def reap(pids: list[int], names: list[str]) -> None:
                 pass
 
 
+def reap_own(pids: list[int], names: list[str]) -> None:
+    """After a clean shutdown: :func:`reap` what is left, killing only processes that are still this one's children.
+
+    vLLM's shutdown gives its engine core a few seconds and then kills it; on a loaded machine (seen in CI) the core
+    is killed before it unlinks its segments. A pid that already exited may have been reused, hence the filter.
+    """
+    mine = set(descendants(os.getpid()))
+    reap([p for p in pids if p in mine], names)
+
+
 def watch(owner: int, pids: list[int], names: list[str]) -> None:
-    while _alive(owner):
+    while alive(owner):
         time.sleep(POLL_S)
     reap(pids, names)
 

