@@ -60,6 +60,9 @@ class RunConfig:
     seed: int = knob(42, "Seed for every random choice of the run (data order, sampling, evolve operators).")
     output_dir: str = knob("runs", "Where run directories (metrics, buffer snapshots, checkpoints) are written.")
     total_steps: int = knob(100, "Learner steps (minibatches) to run.", ge=1)
+    total_rollouts: int = knob(0, "Also end the run after the step at which every rollout generated so far (trained "
+                                  "and creator.child_scoring=probe's) reaches this many, so runs compare at equal "
+                                  "cost; 0: no limit. Under overlap the batch already prepared is trained too.", ge=0)
     sigterm_grace_s: float = knob(60.0, "On SIGTERM, let the step under way finish for up to this long, then stop "
                                         "with a checkpoint; 0 stops at once (from the last checkpoint).", ge=0)
     call_timeout_s: float = knob(1800.0, "Longest the driver waits for any one actor call (a step, a checkpoint) "

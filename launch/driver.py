@@ -92,6 +92,12 @@ class RunSummary:
     """The last checkpoint written: step, path, seconds, bytes."""
     resumed_from: list[int] = field(default_factory=list)
     """The checkpoint step of every ``--resume`` of this run directory."""
+    rollouts: int = 0
+    """Every rollout generated so far, trained and spent probing (the creator's ``rollouts_total``)."""
+
+    def spent(self, cfg: Config) -> bool:
+        """Whether the run's rollout budget (``run.total_rollouts``) is used up."""
+        return bool(cfg.run.total_rollouts) and self.rollouts >= cfg.run.total_rollouts
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(self.__dict__, indent=2, default=str))
@@ -310,16 +316,23 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
             logger.log(0, {"eval": summary.eval_start})  # step 0 of the learning curve: the initial policy
             echo(f"eva-ray: held-out accuracy before training {_levels(summary.eval_start)}")
         progress = Progress(cfg.run.total_steps, enabled=cfg.logging.progress, echo=echo)
-        pipeline = Pipeline(lambda k: may_prefetch(cfg, k)) if cfg.run.overlap == "on" else None
+        # Once the rollout budget is spent nothing more is prepared; a batch already out is still trained.
+        pipeline = (Pipeline(lambda k: may_prefetch(cfg, k) and not summary.spent(cfg)) if cfg.run.overlap == "on"
+                    else None)
         if pipeline is not None:
             echo(f"eva-ray: the next batch is generated while the learner trains (run.overlap on; rollouts one "
                  f"version behind, off-policy correction {cfg.learner.off_policy_correction})")
         at_boundary = True
-        for step in range(summary.steps_done, cfg.run.total_steps):
+        if summary.spent(cfg):
+            echo(f"eva-ray: the rollout budget ({cfg.run.total_rollouts}) was spent before the checkpoint; "
+                 "nothing left to run")
+        end = summary.steps_done if summary.spent(cfg) else cfg.run.total_steps
+        for step in range(summary.steps_done, end):
             at_boundary = False
             metrics = one_step(cfg, system, step, summary, restarts, pipeline=pipeline)
             summary.phases.append(metrics.pop("phase_name"))
-            last = step + 1 == cfg.run.total_steps
+            summary.rollouts = int(metrics["creator"].get("rollouts_total", 0))
+            last = step + 1 == cfg.run.total_steps or (summary.spent(cfg) and not (pipeline and pipeline.ahead))
             if evaluator and ((cfg.logging.eval_every and (step + 1) % cfg.logging.eval_every == 0) or last):
                 t0 = time.perf_counter()
                 metrics["eval"] = evaluator.evaluate()
@@ -328,7 +341,7 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
             summary.restarts = dict(restarts.counts)
             for group, values in restarts.metrics().items():
                 metrics.setdefault(group, {}).update(values)
-            if (step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.run.total_steps:
+            if (step + 1) % cfg.logging.log_every == 0 or last:
                 logger.log(step + 1, metrics)
             if cfg.creator.snapshot_every and (step + 1) % cfg.creator.snapshot_every == 0:
                 gather([system.creator.call("snapshot", str(run_dir / "buffer.json"))])
@@ -346,6 +359,11 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
             if cfg.learner.checkpoint_every and (step + 1) % cfg.learner.checkpoint_every == 0 and not last:
                 save_checkpoint(step + 1)
             progress.update(step + 1, metrics)
+            if last:
+                if step + 1 < cfg.run.total_steps:
+                    echo(f"eva-ray: {summary.rollouts} rollouts generated, the budget run.total_rollouts="
+                         f"{cfg.run.total_rollouts} is spent: the run ends at step {step + 1}")
+                break
         save_checkpoint(summary.steps_done)
         logger.table(summary.steps_done, "creator/evolved_prompts", table_columns,
                      gather([system.creator.call("evolved_table")])[0])
@@ -402,8 +420,8 @@ def summary_lines(summary: RunSummary) -> list[str]:
     counts = {p: summary.phases.count(p) for p in dict.fromkeys(summary.phases)}
     final = summary.final or {}
     creator, buffer = final.get("creator", {}), final.get("buffer", {})
-    lines = [f"eva-ray: {'interrupted after' if summary.interrupted else 'done,'} {summary.steps_done} steps "
-             f"({', '.join(f'{p} {n}' for p, n in counts.items()) or 'none'})"]
+    lines = [f"eva-ray: {'interrupted after' if summary.interrupted else 'done,'} {summary.steps_done} steps, "
+             f"{summary.rollouts} rollouts ({', '.join(f'{p} {n}' for p, n in counts.items()) or 'none'})"]
     if creator:
         lines.append(f"  evolve: {creator.get('evolve_requested', 0)} requested, {creator.get('evolve_ok', 0)} ok, "
                      f"{creator.get('evolve_rejected_total', 0)} rejected {creator.get('evolve_rejected', {})}, "

@@ -21,6 +21,7 @@ one by one, for scripts: the command, and per run its arm, seed, overrides, star
 Run::
 
     python scripts/experiment.py --steps 2000 --seeds 3 world.eval_per_level=400
+    python scripts/experiment.py --arms eva,probe,static --rollouts 64000 --steps 4000   # equal rollouts
     python scripts/experiment.py --arms eva,static --seeds 1 --steps 60 --out /tmp/exp --runs-dir /tmp/exp/runs
     python scripts/experiment.py --report-only        # redraw the report from the runs already in --runs-dir
 
@@ -72,15 +73,27 @@ def run_key(arm: str, seed: int, steps: int, overrides: list[str]) -> str:
 
 
 def complete_summary(run_dir: str | Path, steps: int) -> dict | None:
-    """The run's summary.json if the run finished all its steps with an evaluation, else None."""
+    """The run's summary.json if the run finished with an evaluation, else None: all its steps, or fewer when its
+    rollout budget (run.total_rollouts) was spent first."""
     path = Path(run_dir) / "summary.json"
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    ok = (summary.get("steps_done") == steps and not summary.get("error") and not summary.get("interrupted")
+    ended = summary.get("steps_done") == steps or (0 < rollout_budget(run_dir) <= summary.get("rollouts", 0))
+    ok = (ended and not summary.get("error") and not summary.get("interrupted")
           and "accuracy" in summary.get("eval", {}) and "accuracy" in summary.get("eval_start", {}))
     return summary if ok else None
+
+
+def rollout_budget(run_dir: str | Path) -> int:
+    """The run's run.total_rollouts (0: none) from its config.yaml."""
+    import yaml
+
+    try:
+        return int(yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["run"].get("total_rollouts") or 0)
+    except (OSError, KeyError, TypeError, ValueError, AttributeError):
+        return 0
 
 
 def load_index(runs_dir: Path) -> dict[str, dict]:
@@ -241,8 +254,8 @@ def collect(records: list[dict]) -> dict[str, list[dict]]:
         by_arm.setdefault(rec["arm"], []).append({
             "seed": rec["seed"], "wall_s": rec.get("wall_s"), "start": start, "final": final,
             "curve": curve(rows, start["accuracy"]), "informative": informative_share(rows),
-            "overrides": [*rec.get("overrides", []), *ARMS.get(rec["arm"], [])], "steps": rec["steps"],
-            "rollouts": run_rollouts(rec["run_dir"], rows, rec["steps"]), "run_dir": rec["run_dir"]})
+            "overrides": [*rec.get("overrides", []), *ARMS.get(rec["arm"], [])], "steps": summary["steps_done"],
+            "rollouts": run_rollouts(rec["run_dir"], rows, summary["steps_done"]), "run_dir": rec["run_dir"]})
     return by_arm
 
 
@@ -296,6 +309,14 @@ def verdict(by_arm: dict[str, list[dict]]) -> str:
     return " ".join(parts)
 
 
+def span(values: list[int | None]) -> str:
+    """One number when every seed has it, else min-max: the cost columns, which must read alike across arms."""
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return "–"
+    return f"{known[0]:,}" if known[0] == known[-1] else f"{known[0]:,}–{known[-1]:,}"
+
+
 def write_markdown(path: Path, by_arm: dict[str, list[dict]], args: argparse.Namespace, command: str,
                    failed: list[dict]) -> None:
     arms = [a for a in args.arm_list if a in by_arm]
@@ -303,7 +324,9 @@ def write_markdown(path: Path, by_arm: dict[str, list[dict]], args: argparse.Nam
              f"- date: {dt.date.today().isoformat()}",
              f"- command: `{command}`",
              f"- arms: {', '.join(arms)}; seeds (run.seed): {', '.join(map(str, args.seed_list))}; "
-             f"learner steps per run: {args.steps} (same minibatch and n_responses in every arm)",
+             f"learner steps per run: {args.steps} (same minibatch and n_responses in every arm)"
+             + (f", or fewer: each run ends once it has generated {args.rollouts:,} rollouts, probes included"
+                if args.rollouts else ""),
              f"- base config: {args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config}"
              + (f"; overrides: `{' '.join(args.overrides)}`" if args.overrides else ""),
              "- held-out set fixed by world.eval_seed, shared by all arms; greedy decoding",
@@ -312,8 +335,9 @@ def write_markdown(path: Path, by_arm: dict[str, list[dict]], args: argparse.Nam
         if arm in arms:
             lines.append(f"  - {arm}: `{' '.join(ARMS[arm]) or '(default config)'}`")
     lines += ["", "## Overall held-out accuracy", "",
-              "| arm | seeds | start | final | Δ | trained prompts with reward spread | wall s / run |",
-              "|---|---|---|---|---|---|---|"]
+              "| arm | seeds | start | final | Δ | trained prompts with reward spread | learner steps | rollouts "
+              "(probes included) | wall s / run |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         seeds = by_arm[arm]
         final, delta = arm_stats(seeds, "accuracy")
@@ -322,8 +346,9 @@ def write_markdown(path: Path, by_arm: dict[str, list[dict]], args: argparse.Nam
         wall = f"{statistics.fmean(walls):.0f}" if walls else "–"
         shares = [s["informative"] for s in seeds if s["informative"] is not None]
         share = fmt(stats(shares)) if shares else "–"
+        cost = [span([s[k] for s in seeds]) for k in ("steps", "rollouts")]
         lines.append(f"| {arm} | {len(seeds)} | {start['mean']:.3f} | {fmt(final)} | {fmt_delta(delta)} | {share} "
-                     f"| {wall} |")
+                     f"| {cost[0]} | {cost[1]} | {wall} |")
     lines += ["", "## Final accuracy by level (Δ from start in parentheses)", "",
               "| arm | " + " | ".join(f"L{d}" for d in LEVELS) + " |", "|---|" + "---|" * len(LEVELS)]
     for arm in arms:
@@ -452,6 +477,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help="number of run.seed values per arm")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
     p.add_argument("--steps", type=int, default=2000, help="learner steps per run (run.total_steps)")
+    p.add_argument("--rollouts", type=int, default=0,
+                   help="equal cost: every run also ends at the step where its rollouts (trained and probe) reach "
+                        "this many (run.total_rollouts); --steps is then the most a run may take")
     p.add_argument("--out", default=str(REPO / "docs"), help="where experiment.md, .json and .png go")
     p.add_argument("--runs-dir", default=str(REPO / "runs" / "experiment"), help="run directories and index.json")
     p.add_argument("--config", type=Path, default=REPO / "launch" / "default_run.yaml", help="base config YAML")
@@ -469,6 +497,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
     args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
     args.config = args.config.resolve()
+    if args.rollouts < 0:
+        p.error(f"--rollouts must be >= 0, got {args.rollouts}")
+    if args.rollouts:  # an override like any other, so it is part of every run's key in the index
+        args.overrides.append(f"run.total_rollouts={args.rollouts}")
     return args
 
 

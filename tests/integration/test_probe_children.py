@@ -58,3 +58,38 @@ def test_children_are_probed_by_the_policy_and_their_rollouts_counted(tmp_path):
         assert gather([system.creator.call("probe_requests")])[0] == []
     finally:
         system.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_a_rollout_budget_ends_the_run_at_the_step_that_spends_it(tmp_path, monkeypatch, overlap):
+    """run.total_rollouts counts probe rollouts with the trained ones; the run ends (checkpoint, eval, summary) at
+    the step that reaches it, under overlap one step later at most, and resuming a spent run runs nothing."""
+    import json
+
+    from launch.driver import run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    budget = 150
+    cfg = load_config("launch/default_run.yaml", [
+        f"run.output_dir={tmp_path}", "world.seed_size=24", "world.level_mix=[0, 0.5, 0.5, 0, 0]",
+        "world.eval_per_level=0", "creator.batch_size=4", "creator.capacity=32", "solver.n_responses=4",
+        "creator.probe_responses=3", "creator.child_scoring=probe", "run.total_steps=40",
+        f"run.total_rollouts={budget}", "logging.log_every=1", "logging.eval_every=0", f"run.overlap={overlap}"])
+    lines: list[str] = []
+    summary = run(cfg, inline=True, echo=lines.append)
+    rows = [json.loads(line) for line in (tmp_path.glob("*/metrics.jsonl").__next__()).read_text().splitlines()]
+    totals = [row["creator/rollouts_total"] for row in rows if "creator/rollouts_total" in row]
+    assert len(totals) == summary.steps_done < cfg.run.total_steps
+    crossing = next(i for i, total in enumerate(totals) if total >= budget)
+    assert crossing > 0  # the budget spans several steps
+    # Synchronous: the crossing step is the last. Overlapped: the batch prepared during it is trained too.
+    assert len(totals) - 1 == crossing + (1 if overlap == "on" else 0)
+    assert summary.rollouts == totals[-1] and summary.checkpoint["step"] == summary.steps_done
+    assert any(f"budget run.total_rollouts={budget} is spent" in line for line in lines)
+    assert any(f"{summary.steps_done} steps, {totals[-1]} rollouts" in line for line in lines)
+
+    again: list[str] = []
+    resumed = run(cfg, inline=True, echo=again.append, resume=summary.run_dir)
+    assert resumed.steps_done == summary.steps_done and resumed.rollouts == summary.rollouts
+    assert any("nothing left to run" in line for line in again)

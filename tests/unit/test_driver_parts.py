@@ -48,7 +48,7 @@ def test_progress_line_shows_phase_rate_and_eta():
 def test_summary_lines_report_phases_evolving_and_outputs():
     from launch.driver import RunSummary, summary_lines
 
-    summary = RunSummary(run_dir="/runs/x", steps_done=4, phases=["warm-up", "warm-up", "mix-up", "bootstrap"],
+    summary = RunSummary(run_dir="/runs/x", steps_done=4, rollouts=32, phases=["warm-up", "warm-up", "mix-up", "bootstrap"],
                          eval={"win_rate": 0.625, "n_prompts": 8},
                          final={"creator": {"evolve_requested": 10, "evolve_ok": 7, "evolve_rejected_total": 2,
                                             "evolve_rejected": {"empty": 2}, "evolve_failed_total": 1,
@@ -56,7 +56,7 @@ def test_summary_lines_report_phases_evolving_and_outputs():
                                 "buffer": {"size": 5, "capacity": 8, "generations": {1: 4, 2: 1}, "operators": {}},
                                 "weight_change": 0.5, "learner_version": 4})
     text = "\n".join(summary_lines(summary))
-    assert "done, 4 steps (warm-up 2, mix-up 1, bootstrap 1)" in text
+    assert "done, 4 steps, 32 rollouts (warm-up 2, mix-up 1, bootstrap 1)" in text
     assert "10 requested, 7 ok, 2 rejected {'empty': 2}, 1 failed {'Timeout': 1}" in text
     assert "win-rate against the initial policy: 0.625 on 8 held-out prompts" in text
     assert "outputs: /runs/x" in text and "still at the evolve LLM" not in text
