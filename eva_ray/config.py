@@ -110,8 +110,9 @@ class WorldConfig:
     eval_seed: int = knob(0, "Seed of the held-out set, fixed apart from run.seed so that runs with different "
                           "seeds are scored on the same prompts.")
     reward: str = knob("verifier", "The world's reward: its own verifier (reasoning-gym's score, with partial "
-                       "credit for a response that contains the answer) or exact (1 for the exact answer, else 0).",
-                       choices=("verifier", "exact"))
+                       "credit for a response that contains the answer), exact (1 for the exact answer, else 0) or "
+                       "digits (the share of the answer's digits right, place by place from the units).",
+                       choices=("verifier", "exact", "digits"))
 
 
 @dataclass

@@ -311,16 +311,44 @@ def exact_reward(prompt: PromptRecord, response: str) -> float:
     are accepted, as the verifier accepts them. Never raises for a response; a prompt that is not a chain_sum task
     raises ValueError, as in :func:`reward`.
     """
-    answer = answer_of(prompt)
-    if not isinstance(response, str):
-        return 0.0
-    text = response.strip()
-    if not _INTEGER_RE.match(text):
-        return 0.0
-    return 1.0 if int(text) == int(answer) else 0.0
+    want, got = _answer_parts(prompt), _integer_parts(response)
+    return 1.0 if got == want else 0.0
 
 
-REWARDS: dict[str, str] = {"verifier": "reward", "exact": "exact_reward"}
+def _answer_parts(prompt: PromptRecord) -> tuple[bool, str]:
+    parts = _integer_parts(answer_of(prompt))
+    if parts is None:
+        raise ValueError(f"prompt {prompt.id!r}: its answer {answer_of(prompt)!r} is not an integer")
+    return parts
+
+
+def _integer_parts(text: Any) -> tuple[bool, str] | None:
+    """``(negative, digits without leading zeros)`` of an integer written as text, else None. Compared as text:
+    ``int()`` refuses more than 4,300 digits, and a response may hold any number."""
+    if not isinstance(text, str) or not _INTEGER_RE.match(text.strip()):
+        return None
+    text = text.strip()
+    digits = text.lstrip("+-").lstrip("0") or "0"
+    return text.startswith("-") and digits != "0", digits
+
+
+def digits_reward(prompt: PromptRecord, response: str) -> float:
+    """The share of the answer's digits the response gets right, place by place from the units (``world.reward:
+    digits``); 0.0 for a wrong sign or a response that is not an integer, 1.0 only for the exact answer.
+
+    Why: the solver's misses are mostly one middle digit (``805`` for ``815``). Under a 0/1 reward RLOO then pushes
+    down every token of the miss, the correct units digit after the wrong tens digit too; here that miss keeps 2/3
+    of the credit, so the advantage falls on the digit that differs. A response with more digits than the answer
+    is scored over its own length, so padding an answer with digits never pays. Never raises for a response.
+    """
+    want, got = _answer_parts(prompt), _integer_parts(response)
+    if got is None or got[0] != want[0]:
+        return 0.0
+    a, b = want[1][::-1], got[1][::-1]
+    return sum(x == y for x, y in zip(a, b)) / max(len(a), len(b))
+
+
+REWARDS: dict[str, str] = {"verifier": "reward", "exact": "exact_reward", "digits": "digits_reward"}
 """``world.reward`` -> the name of this module's reward function."""
 
 
