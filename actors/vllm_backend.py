@@ -155,7 +155,7 @@ class VLLMBackend:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
         self.eos_ids = eos_ids
         self.tensor_parallel_size = int(settings.get("tensor_parallel_size", 1))
-        shm_before = shm_names()
+        shm_before, children_before = shm_names(), set(descendants(os.getpid()))
         self.llm = vllm.LLM(
             model_path, tokenizer=tokenizer_path, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
             worker_extension_cls=_EXTENSION,
@@ -165,7 +165,9 @@ class VLLMBackend:
         )
         self.max_positions = None  # vLLM checks max_model_len against the model itself
         # If this process is killed, the engine's own processes would outlive it: a watchdog stops them.
-        self._engine_pids = descendants(os.getpid()) if multiprocessing else []
+        # Only what the engine started: this process may have other children (wandb's service, say) to keep.
+        self._engine_pids = ([p for p in descendants(os.getpid()) if p not in children_before]
+                             if multiprocessing else [])
         self._engine_shm = sorted(shm_names() - shm_before) if multiprocessing else []
         self._reaper = start_reaper(os.getpid(), self._engine_pids, self._engine_shm) if multiprocessing else None
 

@@ -76,10 +76,14 @@ def test_an_engine_too_slow_to_shut_down_still_leaves_no_process_and_no_shared_m
     from actors.engine_reaper import alive
     from actors.rollout import RolloutWorker
 
+    import subprocess
+
+    bystander = subprocess.Popen(["sleep", "120"])  # a child of the owner that is not the engine's (wandb's service)
     before = set(os.listdir("/dev/shm"))
     engine = RolloutWorker(SOLVER, backend="vllm", max_new_tokens=8, max_prompt_tokens=64, kv_cache_bytes=32 << 20,
                            vllm_multiprocessing=True)
     processes = engine._engine._engine_pids
+    assert bystander.pid not in processes
     assert processes and set(os.listdir("/dev/shm")) - before
     core = engine._engine.llm.llm_engine.engine_core
     shutdown = core.shutdown
@@ -92,6 +96,8 @@ def test_an_engine_too_slow_to_shut_down_still_leaves_no_process_and_no_shared_m
     core.shutdown = frozen_then_shut_down
     engine.close()
     assert [p for p in processes if alive(p)] == []
+    assert bystander.poll() is None, "close killed a process that was not the engine's"
+    bystander.kill()
     assert set(os.listdir("/dev/shm")) - before == set()
 
 
