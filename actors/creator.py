@@ -45,6 +45,7 @@ import numpy as np
 from eva_ray.buffer import GenerativeBuffer, _atomic_write_text
 from eva_ray.config import Config, EvolveConfig
 from eva_ray.evolve.curriculum import CurriculumEvolver, ExactTextValidator
+from eva_ray.worlds import world_of
 from eva_ray.evolve.evolver import CONFIG_CAUSES, Complete, EvolveBatch, EvolveCounts, EvolveJob, Evolver
 from eva_ray.evolve.judge import llm_judge_scorer
 from eva_ray.evolve.validate import EvolveValidator
@@ -200,7 +201,7 @@ class Creator:
             self.evolver = None  # the static-D baseline: nothing is evolved, the buffer stays empty
         elif ev.method == "curriculum":
             # A procedural world evolves by moving tasks along its difficulty knobs: no LLM involved.
-            self.evolver = CurriculumEvolver(world=cfg.world.name, operators=ev.operators,
+            self.evolver = CurriculumEvolver(world=world_of(cfg), operators=ev.operators,
                                              weights=ev.operator_weights, validator=self.validator,
                                              rng_seed=cfg.run.seed + 1)
         else:

@@ -438,6 +438,17 @@ class Learner:
         return lp, ent
 
     @torch.no_grad()
+    def sequence_logprobs(self, batch: TrainBatch) -> list[float]:
+        """``log pi(response | prompt)`` of every row of ``batch`` at the current weights and the sampling
+        temperature, by teacher forcing: a world's exact expected accuracy is the mean of its exp over the answers.
+        Every rank computes the whole batch, so ZeRO-3's gathers line up."""
+        out: list[float] = []
+        for micro in micro_batches(batch.to(self.device), self.cfg.micro_batch_size):
+            lp, _ = self._logprobs(self.engine, micro)
+            out.extend((lp * micro.response_token_mask).sum(dim=1).tolist())
+        return out
+
+    @torch.no_grad()
     def _batch_logprobs(self, model: Callable[..., Any], micros: list[TrainBatch], width: int, n_micro: int,
                         with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """No-grad log-probs (and entropies) of the whole batch, micro-batch by micro-batch, as ``[B, R]``.

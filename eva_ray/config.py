@@ -23,11 +23,10 @@ from typing import Any, Literal
 
 import yaml
 
-from eva_ray.evolve.curriculum import OPERATORS as CURRICULUM_OPERATORS
 from eva_ray.evolve.operators import STYLES, validate_operators
 from eva_ray.informativeness import METRICS
 from eva_ray.sampling import SAMPLING_MODES
-from eva_ray.worlds import WORLDS
+from eva_ray.worlds import WORLDS, WorldParamError, get_world, make_world
 
 
 _EXPONENT_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -102,17 +101,17 @@ class DataConfig:
 class WorldConfig:
     name: str | None = knob(None, "A built-in verifiable world that supplies D, the held-out set and the reward "
                             "(instead of data.path).", choices=WORLDS)
+    params: dict = knob({}, "The world's own knobs (world.params.<knob>=value): chain_sum: num_terms, max_terms; "
+                        "cipher: letters, length, key_seed, unit_max_difficulty. Unset knobs take the world's "
+                        "defaults.")
     seed_size: int = knob(2000, "Prompts in the world's seed set D.", ge=1)
-    level_mix: list[float] = knob([0.2, 0.2, 0.2, 0.2, 0.2], "Share of D at each difficulty level, from level 1 "
-                                  "up (normalised).")
+    level_mix: list[float] | None = knob(None, "Share of D at each difficulty level, from the world's easiest level "
+                                         "up (normalised); unset: the world's own mix.")
     eval_per_level: int = knob(100, "Held-out prompts per difficulty level for the accuracy evaluation.", ge=0)
-    num_terms: int = knob(2, "Terms per expression in the seed and held-out sets (chain_sum).", ge=2)
     eval_seed: int = knob(0, "Seed of the held-out set, fixed apart from run.seed so that runs with different "
                           "seeds are scored on the same prompts.")
-    reward: str = knob("verifier", "The world's reward: its own verifier (reasoning-gym's score, with partial "
-                       "credit for a response that contains the answer), exact (1 for the exact answer, else 0) or "
-                       "digits (the share of the answer's digits right, place by place from the units).",
-                       choices=("verifier", "exact", "digits"))
+    reward: str | None = knob(None, "The world's reward, one of the world's own (chain_sum: verifier, exact, "
+                              "digits; cipher: exact); unset: the world's default.")
 
 
 @dataclass
@@ -348,10 +347,12 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         if cfg.world.name is None:
             problems.append("evolve.method: 'curriculum' moves tasks along a world's difficulty; set world.name "
                             f"(allowed: {', '.join(WORLDS)})")
-        unknown = [op for op in cfg.evolve.operators or [] if op not in CURRICULUM_OPERATORS]
-        if unknown:
-            problems.append(f"evolve.operators: {unknown} are not curriculum operators; allowed: "
-                            f"{', '.join(CURRICULUM_OPERATORS)}")
+        else:
+            moves = get_world(cfg.world.name).moves
+            unknown = [op for op in cfg.evolve.operators or [] if op not in moves]
+            if unknown:
+                problems.append(f"evolve.operators: {unknown} are not moves of world {cfg.world.name}; allowed: "
+                                f"{', '.join(moves)}")
     elif cfg.evolve.operators is not None:
         try:
             validate_operators(cfg.evolve.operators, cfg.evolve.style)
@@ -366,9 +367,7 @@ def _cross_field_problems(cfg: Config) -> list[str]:
     if cfg.evolve.deadline_s is not None and cfg.evolve.deadline_s < cfg.evolve.timeout_s:
         problems.append(f"evolve.deadline_s: {cfg.evolve.deadline_s} is below evolve.timeout_s "
                         f"{cfg.evolve.timeout_s}; the deadline bounds all attempts, so it is at least one attempt")
-    mix = cfg.world.level_mix
-    if any(w < 0 for w in mix) or sum(mix) <= 0:
-        problems.append(f"world.level_mix: {mix}; shares are >= 0 and not all 0")
+    problems.extend(_world_problems(cfg))
     if cfg.creator.capacity < cfg.creator.batch_size:
         problems.append(f"creator.capacity: {cfg.creator.capacity} is below creator.batch_size "
                         f"{cfg.creator.batch_size}; once D is exhausted the buffer must fill a minibatch")
@@ -406,6 +405,28 @@ def _cross_field_problems(cfg: Config) -> list[str]:
     return problems
 
 
+def _world_problems(cfg: Config) -> list[str]:
+    """The world section against the world it names: its params, its rewards, its number of levels."""
+    if cfg.world.name is None:
+        return ["world.params: set world.name first"] if cfg.world.params else []
+    try:
+        world = make_world(cfg.world.name, cfg.world.params, seed=cfg.run.seed)
+    except WorldParamError as exc:
+        return [str(exc)]
+    problems = []
+    if cfg.world.reward is not None and cfg.world.reward not in world.rewards:
+        problems.append(f"world.reward: world {world.name!r} has no reward {cfg.world.reward!r}; allowed: "
+                        f"{', '.join(world.rewards)}")
+    mix = cfg.world.level_mix
+    if mix is not None:
+        if len(mix) != len(world.levels):
+            problems.append(f"world.level_mix: {len(mix)} shares, but world {world.name} has {len(world.levels)} "
+                            f"levels ({', '.join(map(str, world.levels))})")
+        elif any(w < 0 for w in mix) or sum(mix) <= 0:
+            problems.append(f"world.level_mix: {mix}; shares are >= 0 and not all 0")
+    return problems
+
+
 # ------------------------------------------------------------------------------------------------ typed conversion
 
 
@@ -428,6 +449,10 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{path}: {value!r} is not a {' or '.join(_type_name(a) for a in args)}")
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{path}: {value!r} is not a mapping of names to values")
+        return dict(value)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -535,6 +560,8 @@ def from_dict(data: dict[str, Any]) -> Config:
     problems = _cross_field_problems(cfg)
     if problems:
         raise ConfigError("\n".join(problems))
+    if cfg.world.name and cfg.world.reward is None:  # recorded, so the run's config.yaml says which reward ran
+        cfg.world.reward = get_world(cfg.world.name).default_reward
     return cfg
 
 

@@ -50,8 +50,9 @@ from eva_ray.batching import collate
 from eva_ray.config import Config, from_dict, read_yaml, to_dict, to_yaml
 from eva_ray.data import load_seed_prompts, split_seed_set
 from eva_ray.records import PromptRecord
+from eva_ray.rollouts import Rollout
 from eva_ray.tiny import resolve_model_path
-from eva_ray.worlds import get_world, reward_function
+from eva_ray.worlds import World, world_of
 from launch import checkpoint
 from launch.cluster import System, start_system
 from launch.handles import gather, set_call_timeout
@@ -116,13 +117,14 @@ def make_run_dir(cfg: Config) -> Path:
 
 def load_prompts(cfg: Config) -> tuple[list[PromptRecord], list[PromptRecord], str]:
     """(D, held-out prompts, a one-line report): from a built-in world, or from the seed file."""
-    if cfg.world.name:
-        world = get_world(cfg.world.name)
-        mix = {level + 1: share for level, share in enumerate(cfg.world.level_mix) if share > 0}
-        train = world.seed_set(cfg.world.seed_size, mix, seed=cfg.run.seed, num_terms=cfg.world.num_terms)
-        held_out = (world.eval_set(cfg.world.eval_per_level, seed=cfg.world.eval_seed, num_terms=cfg.world.num_terms)
-                    if cfg.world.eval_per_level else [])
-        return train, held_out, f"world {cfg.world.name}: {len(train)} seed tasks at levels {sorted(mix)}"
+    world = world_of(cfg)
+    if world is not None:
+        shares = cfg.world.level_mix
+        mix = (dict(world.default_mix) if shares is None else
+               {level: share for level, share in zip(world.levels, shares) if share > 0})
+        train = world.seed_set(cfg.world.seed_size, mix, seed=cfg.run.seed)
+        held_out = world.eval_set(cfg.world.eval_per_level, seed=cfg.world.eval_seed) if cfg.world.eval_per_level else []
+        return train, held_out, f"world {world.name}: {len(train)} seed tasks at levels {sorted(mix)}"
     records, report = load_seed_prompts(cfg.data.path, format=cfg.data.format, prompt_field=cfg.data.prompt_field,
                                         id_field=cfg.data.id_field, max_prompt_chars=cfg.data.max_prompt_chars)
     train, held_out = split_seed_set(records, eval_size=cfg.data.eval_size, shuffle=cfg.data.shuffle,
@@ -160,17 +162,24 @@ class Evaluator:
 
     Always: the win-rate of the current policy against the initial one (the initial answers are generated once,
     before the first update; each evaluation samples the current policy's answers to the same prompts; a win is 1,
-    a tie 0.5). In a world, also the accuracy of greedy answers by difficulty level (a reward of 1 is a solve).
+    a tie 0.5). In a world, also by difficulty level: the accuracy of greedy answers (what the world calls solved)
+    and, given the tokenizer, the exact expected accuracy of sampled answers, the mean of pi(answer | prompt) by
+    teacher forcing on the learner (no sampling noise).
     """
 
-    def __init__(self, system: System, prompts: list[PromptRecord], *, by_level: bool,
-                 restarts: Restarts | None = None, initial: list[str] | None = None) -> None:
+    def __init__(self, system: System, prompts: list[PromptRecord], *, world: World | None = None,
+                 restarts: Restarts | None = None, initial: list[str] | None = None, tokenizer: Any = None) -> None:
         self.system = system
         self.prompts = prompts
-        self.by_level = by_level
+        self.world = world
+        self.tokenizer = tokenizer
         self._call = restarts.call if restarts is not None else (lambda what, fn: fn())
         # A resumed run brings the initial policy's answers from its checkpoint.
         self.initial = initial if initial is not None else (self._answers() if prompts else [])
+
+    @property
+    def by_level(self) -> bool:
+        return self.world is not None
 
     def _answers(self) -> list[str]:
         return [group[0].text for group in self._call("evaluation", lambda: self.system.rollout.generate(
@@ -180,12 +189,24 @@ class Evaluator:
         groups = self._call("evaluation", lambda: self.system.rollout.generate(self.prompts, 1, greedy=True))
         result = self._call("evaluation", lambda: gather([self.system.reward.call(
             "score", self.prompts, [[g[0].text] for g in groups])])[0])
-        solved = np.array([row[0] == 1.0 for row in result.rewards], dtype=float)
-        levels = np.array([p.meta.get("difficulty", 0) for p in self.prompts])
-        out = {"accuracy": float(solved.mean())}
-        for level in sorted(set(levels.tolist())):
-            out[f"accuracy_level_{level}"] = float(solved[levels == level].mean())
+        solved = np.array([self.world.solved(row[0]) for row in result.rewards], dtype=float)
+        levels = np.array([self.world.difficulty(p) for p in self.prompts])
+        out = by_level("accuracy", solved, levels)
+        if self.tokenizer is not None:
+            out.update(by_level("expected_accuracy", self._answer_probs(groups), levels))
         return out
+
+    def _answer_probs(self, groups: list[list[Rollout]]) -> np.ndarray:
+        """pi(answer + end of sequence | prompt) per prompt, teacher-forced on the learner."""
+        tok = self.tokenizer
+        rows = [[Rollout(prompt_id=p.id, prompt_token_ids=g[0].prompt_token_ids, text=answer, finish_reason="stop",
+                         response_token_ids=tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+                         policy_version=g[0].policy_version)]
+                for p, g, answer in zip(self.prompts, groups, (self.world.answer(p) for p in self.prompts))]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        batch = collate(rows, [[0.0]] * len(rows), pad)
+        logps = self._call("evaluation", lambda: gather([self.system.learner.call("sequence_logprobs", batch)])[0])
+        return np.exp(np.asarray(logps, dtype=float))
 
     def evaluate(self) -> dict[str, float]:
         current = self._answers()
@@ -196,6 +217,14 @@ class Evaluator:
         if self.by_level:
             out.update(self.accuracy())
         return out
+
+
+def by_level(name: str, values: np.ndarray, levels: np.ndarray) -> dict[str, float]:
+    """``{name: mean, name_level_<d>: mean at level d}``."""
+    out = {name: float(values.mean())}
+    for level in sorted(set(levels.tolist())):
+        out[f"{name}_level_{level}"] = float(values[levels == level].mean())
+    return out
 
 
 def with_resolved_models(cfg: Config) -> Config:
@@ -213,11 +242,12 @@ def with_resolved_models(cfg: Config) -> Config:
 
 
 def with_world_defaults(cfg: Config) -> Config:
-    """A world supplies its own reward function (``world.reward``: its verifier, or exact match) unless the config
-    names another."""
-    if cfg.world.name and cfg.reward.backend == "function" and not cfg.reward.function:
+    """A world supplies its own reward function (``world.reward``; the config loader filled in the world's default)
+    unless the config names another."""
+    world = world_of(cfg)
+    if world is not None and cfg.reward.backend == "function" and not cfg.reward.function:
         return dataclasses.replace(cfg, reward=dataclasses.replace(
-            cfg.reward, function=reward_function(cfg.world.name, cfg.world.reward)))
+            cfg.reward, function=world.reward_function(cfg.world.reward)))
     return cfg
 
 
@@ -235,6 +265,16 @@ def with_resolved_overlap(cfg: Config, *, inline: bool) -> Config:
         correction = "tis" if overlap == "on" and cfg.solver.algorithm == "rloo" else "none"
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, overlap=overlap),
                                learner=dataclasses.replace(cfg.learner, off_policy_correction=correction))
+
+
+def _world_tokenizer(cfg: Config) -> Any:
+    """The policy's tokenizer in a world run (the evaluation's teacher forcing encodes the answers), else None."""
+    if not cfg.world.name:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.path,
+                                         trust_remote_code=cfg.model.trust_remote_code)
 
 
 def may_prefetch(cfg: Config, step: int) -> bool:
@@ -309,8 +349,9 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
             echo(f"eva-ray: restored step {saved['step']} (policy version {system.learner_version}); evolve "
                  f"requests in flight at the checkpoint: {resumed['reissued']} issued again, {resumed['lost']} lost")
         if held_out:
-            evaluator = Evaluator(system, held_out, by_level=bool(cfg.world.name), restarts=restarts,
-                                  initial=saved.get("eval_initial") if saved else None)
+            evaluator = Evaluator(system, held_out, world=world_of(cfg), restarts=restarts,
+                                  initial=saved.get("eval_initial") if saved else None,
+                                  tokenizer=_world_tokenizer(cfg))
         if evaluator and evaluator.by_level and not saved:
             summary.eval_start = evaluator.accuracy()
             logger.log(0, {"eval": summary.eval_start})  # step 0 of the learning curve: the initial policy
@@ -410,9 +451,10 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
     return summary
 
 
-def _levels(acc: dict[str, float]) -> str:
-    per_level = " ".join(f"L{k.rsplit('_', 1)[1]} {v:.2f}" for k, v in acc.items() if k.startswith("accuracy_level_"))
-    return f"{acc['accuracy']:.3f} ({per_level})"
+def _levels(acc: dict[str, float], name: str = "accuracy") -> str:
+    per_level = " ".join(f"L{k.rsplit('_', 1)[1]} {v:.2f}" for k, v in acc.items()
+                         if k.startswith(f"{name}_level_"))
+    return f"{acc[name]:.3f} ({per_level})"
 
 
 def summary_lines(summary: RunSummary) -> list[str]:
@@ -441,6 +483,11 @@ def summary_lines(summary: RunSummary) -> list[str]:
     if summary.eval_start and "accuracy" in summary.eval:
         lines.append(f"  held-out accuracy: start {_levels(summary.eval_start)}")
         lines.append(f"                     end   {_levels(summary.eval)}")
+        if "expected_accuracy" in summary.eval_start and "expected_accuracy" in summary.eval:
+            lines.append(f"  expected sampled accuracy (teacher-forced): start "
+                         f"{_levels(summary.eval_start, 'expected_accuracy')}")
+            lines.append(f"                                               end   "
+                         f"{_levels(summary.eval, 'expected_accuracy')}")
     if "weight_change" in final:
         lines.append(f"  policy moved {final['weight_change']:.4g} (L2) from its start; version "
                      f"{final.get('learner_version')}")

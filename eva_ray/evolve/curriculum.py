@@ -1,20 +1,23 @@
-"""The curriculum evolver: evolves procedural-world prompts by moving along the world's difficulty knobs.
+"""The curriculum evolver: evolves a world's prompts by moving them along the world's knobs.
 
 Where an LLM evolver rewrites a prompt in words, a world with a generator and a verifier (see
-:mod:`eva_ray.worlds`) can make the paper's two kinds of evolution exactly, and with a correct answer attached:
+:mod:`eva_ray.worlds.base`) can make the paper's two kinds of evolution exactly, with a correct answer attached. The
+operators are the world's moves (``World.moves``); every world has
 
-- in-depth ``harder``: a fresh task one level up (``difficulty + 1``); a parent at the top level cannot go up and the
-  attempt is rejected as ``at_max_difficulty``;
-- in-depth ``more_terms``: a fresh task with one more term (rejected as ``at_max_terms`` at the cap);
+- in-depth ``harder``: one level up; a parent at the top level cannot go up and is rejected as
+  ``at_max_difficulty``;
 - in-breadth ``sibling``: a fresh task at the parent's own level;
-- ``easier``: a fresh task one level down (rejected as ``at_min_difficulty`` at the bottom), so that a creator whose
-  parents sit just past the solver's frontier can still make prompts that are "challenging yet solvable".
+- ``easier``: one level down (rejected as ``at_min_difficulty`` at the bottom), so that a creator whose parents sit
+  just past the solver's frontier can still make prompts that are "challenging yet solvable";
+
+and a world may add its own (chain_sum's ``more_terms``). Which task a move makes is the world's choice
+(``World.child_task``): a fresh task at the new knobs, or an edit of the parent.
 
 The interface is the :class:`~eva_ray.evolve.evolver.Evolver`'s: ``await evolve(parents, n_children, step=step)``
 returns an :class:`~eva_ray.evolve.evolver.EvolveBatch` whose counts satisfy ``ok + rejected + failed ==
 requested``; children are made with :func:`~eva_ray.records.make_child` (lineage, operator name, inherited
-informativeness) and carry the new task's meta (answer, difficulty, num_terms). Operators are drawn from a seeded
-generator in parent order, with configurable weights, and every fresh task is drawn from that same generator, so
+informativeness) and carry the new task's meta (answer, difficulty, the world's knobs). Operators are drawn from a
+seeded generator in parent order, with configurable weights, and every task is drawn from that same generator, so
 one seed gives one set of children.
 
 Validation reuses the creator's :class:`~eva_ray.evolve.validate.EvolveValidator` (its duplicate index holds the seed
@@ -22,7 +25,7 @@ set and the buffer): a child that is already there is redrawn up to ``max_tries`
 ``duplicate_in_buffer`` (or ``near_duplicate_parent`` when it is the parent itself). The default validator normalises
 text for natural language (punctuation dropped, so ``57-87=`` and ``57+87=`` collide, and near-duplicates by
 character shingles, although ``12345+1=`` and ``12345+2=`` are different tasks); :class:`ExactTextValidator` keeps
-the same interface with exact-expression semantics and is the one to give the creator for a world.
+the same interface with exact-text semantics and is the one to give the creator for a world.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -45,21 +47,16 @@ from eva_ray.evolve.validate import (
     EvolveValidator,
 )
 from eva_ray.records import PromptRecord, make_child
+from eva_ray.worlds import World, make_world
+from eva_ray.worlds.base import AT_MAX_DIFFICULTY, AT_MIN_DIFFICULTY
+from eva_ray.worlds.chain_sum import AT_MAX_TERMS
 
-OPERATORS: tuple[str, ...] = ("harder", "sibling", "easier", "more_terms")
-IN_DEPTH: tuple[str, ...] = ("harder", "more_terms")
-IN_BREADTH: tuple[str, ...] = ("sibling",)
 DEFAULT_WEIGHTS: dict[str, float] = {"harder": 0.4, "sibling": 0.4, "easier": 0.2}
 """Mostly a step past the parent or beside it; the parents are already the most informative prompts (at the
 solver's frontier), so a child one level up is the 'challenging yet solvable' move and ``easier`` is the fallback
-for parents that overshot. ``more_terms`` is off by default: the shipped solver never saw more than two terms."""
+for parents that overshot. A world's own moves (chain_sum's ``more_terms``) are off unless named."""
 
-# Rejection reasons of this evolver, besides the validator's.
-AT_MAX_DIFFICULTY = "at_max_difficulty"
-AT_MIN_DIFFICULTY = "at_min_difficulty"
-AT_MAX_TERMS = "at_max_terms"
 NOT_A_TASK = "not_a_task"
-CURRICULUM_REJECTION_REASONS: tuple[str, ...] = (AT_MAX_DIFFICULTY, AT_MIN_DIFFICULTY, AT_MAX_TERMS, NOT_A_TASK)
 _RETRYABLE = (DUPLICATE_IN_BUFFER, NEAR_DUPLICATE_PARENT, NEAR_DUPLICATE_BUFFER)
 
 
@@ -106,8 +103,8 @@ class ExactTextValidator(EvolveValidator):
         return None
 
 
-def _weights(operators: Sequence[str] | None, weights: Sequence[float] | Mapping[str, float] | None
-             ) -> tuple[tuple[str, ...], np.ndarray]:
+def _weights(operators: Sequence[str] | None, weights: Sequence[float] | Mapping[str, float] | None,
+             allowed: Sequence[str]) -> tuple[tuple[str, ...], np.ndarray]:
     if isinstance(weights, Mapping):
         if operators is not None:
             raise ValueError("give the operators either as a weights mapping or as a list, not both")
@@ -117,9 +114,9 @@ def _weights(operators: Sequence[str] | None, weights: Sequence[float] | Mapping
             raise ValueError("operator weights need the operators they weigh")
         operators, weights = list(DEFAULT_WEIGHTS), list(DEFAULT_WEIGHTS.values())
     names = tuple(operators)
-    unknown = [n for n in names if n not in OPERATORS]
+    unknown = [n for n in names if n not in allowed]
     if not names or unknown or len(set(names)) != len(names):
-        raise ValueError(f"curriculum operators must be distinct names from {OPERATORS}, got {list(names)}")
+        raise ValueError(f"curriculum operators must be distinct names from {tuple(allowed)}, got {list(names)}")
     w = np.ones(len(names)) if weights is None else np.asarray(list(weights), dtype=float)
     if w.shape != (len(names),) or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"operator weights must be {len(names)} non-negative numbers with a positive sum, "
@@ -128,53 +125,36 @@ def _weights(operators: Sequence[str] | None, weights: Sequence[float] | Mapping
 
 
 class CurriculumEvolver:
-    """Evolves a world's prompts along its difficulty knobs; see the module docstring.
+    """Evolves a world's prompts along its knobs; see the module docstring.
 
-    ``world`` is a world name (``"chain_sum"``) or module of :mod:`eva_ray.worlds`. ``operators`` / ``weights``:
-    which operators and how often (a list plus aligned weights, or a ``{name: weight}`` mapping; default
-    :data:`DEFAULT_WEIGHTS`). Difficulty stays within ``[min_difficulty, max_difficulty]`` (default the world's
-    levels) and ``num_terms`` at most ``max_terms``. ``max_tries``: fresh draws per attempt before a duplicate is
+    ``world`` is a :class:`~eva_ray.worlds.base.World` or a registered world's name (built with default params).
+    ``operators`` / ``weights``: which of the world's moves and how often (a list plus aligned weights, or a
+    ``{name: weight}`` mapping; default :data:`DEFAULT_WEIGHTS`). Difficulty stays within ``[min_difficulty,
+    max_difficulty]`` (default the world's levels). ``max_tries``: fresh draws per attempt before a duplicate is
     counted as a rejection.
     """
 
     method = "curriculum"
 
-    def __init__(self, *, world: str | ModuleType = "chain_sum", operators: Sequence[str] | None = None,
+    def __init__(self, *, world: str | World = "chain_sum", operators: Sequence[str] | None = None,
                  weights: Sequence[float] | Mapping[str, float] | None = None,
                  validator: EvolveValidator | None = None, rng_seed: int = 0, min_difficulty: int | None = None,
-                 max_difficulty: int | None = None, max_terms: int | None = None, max_tries: int = 4) -> None:
-        if isinstance(world, str):
-            from eva_ray.worlds import get_world
-
-            world = get_world(world)
-        self.world = world
-        self.operators, self.probs = _weights(operators, weights)
+                 max_difficulty: int | None = None, max_tries: int = 4) -> None:
+        self.world = make_world(world) if isinstance(world, str) else world
+        self.operators, self.probs = _weights(operators, weights, self.world.moves)
         self.validator = validator if validator is not None else ExactTextValidator()
         self.rng = np.random.default_rng(rng_seed)
-        self.min_difficulty = world.MIN_DIFFICULTY if min_difficulty is None else int(min_difficulty)
-        self.max_difficulty = world.MAX_DIFFICULTY if max_difficulty is None else int(max_difficulty)
-        self.max_terms = world.MAX_TERMS if max_terms is None else int(max_terms)
-        if not 1 <= self.min_difficulty <= self.max_difficulty:
-            raise ValueError(f"need 1 <= min_difficulty <= max_difficulty, got {self.min_difficulty}, "
+        levels = self.world.levels
+        self.min_difficulty = levels[0] if min_difficulty is None else int(min_difficulty)
+        self.max_difficulty = levels[-1] if max_difficulty is None else int(max_difficulty)
+        if not 0 <= self.min_difficulty <= self.max_difficulty:
+            raise ValueError(f"need 0 <= min_difficulty <= max_difficulty, got {self.min_difficulty}, "
                              f"{self.max_difficulty}")
-        if self.max_terms < 2:
-            raise ValueError(f"max_terms must be >= 2, got {self.max_terms}")
         if max_tries < 1:
             raise ValueError(f"max_tries must be >= 1, got {max_tries}")
         self.max_tries = max_tries
 
     # ------------------------------------------------------------------------------------------------------------
-    def _move(self, operator: str, difficulty: int, num_terms: int) -> tuple[int, int, str | None]:
-        """The child's (difficulty, num_terms), or a rejection reason when the parent cannot move that way."""
-        if operator == "harder":
-            return difficulty + 1, num_terms, AT_MAX_DIFFICULTY if difficulty >= self.max_difficulty else None
-        if operator == "easier":
-            return difficulty - 1, num_terms, AT_MIN_DIFFICULTY if difficulty <= self.min_difficulty else None
-        if operator == "more_terms":
-            return difficulty, num_terms + 1, AT_MAX_TERMS if num_terms >= self.max_terms else None
-        # sibling: the parent's own cell, clamped into the allowed range (a seed may sit outside it)
-        return min(max(difficulty, self.min_difficulty), self.max_difficulty), min(num_terms, self.max_terms), None
-
     def _reject(self, counts: EvolveCounts, reason: str, outcomes: list[dict[str, Any]], where: dict[str, Any],
                 text: str | None = None) -> None:
         counts.rejected[reason] += 1
@@ -186,16 +166,17 @@ class CurriculumEvolver:
         where = {"step": step, "parent_id": parent.id, "operator": operator, "index": index}
         try:
             try:
-                difficulty, num_terms = self.world.task_params(parent)
+                knobs = self.world.knobs(parent)
             except ValueError:
                 self._reject(counts, NOT_A_TASK, outcomes, where)
                 return None
-            new_d, new_k, why = self._move(operator, difficulty, num_terms)
+            new_knobs, why = self.world.move(operator, knobs, min_difficulty=self.min_difficulty,
+                                             max_difficulty=self.max_difficulty)
             if why is not None:
                 self._reject(counts, why, outcomes, where)
                 return None
             for _ in range(self.max_tries):
-                task = self.world.sample_task(new_d, new_k, self.rng)
+                task = self.world.child_task(operator, parent, new_knobs, self.rng)
                 why = self.validator.reason(task.text, parent.prompt_text)
                 if why not in _RETRYABLE:
                     break
@@ -209,8 +190,7 @@ class CurriculumEvolver:
         counts.ok += 1
         self.validator.accepted += 1
         self.validator.register(task.text)  # later siblings of this batch are checked against it
-        meta = task.meta() | {"evolve_method": self.method, "parent_difficulty": difficulty,
-                              "parent_num_terms": num_terms}
+        meta = task.meta() | {"evolve_method": self.method} | {f"parent_{k}": v for k, v in knobs.items()}
         return make_child(parent, task.text, operator=operator, step=step, index=index, meta=meta)
 
     def evolve_now(self, parents: Sequence[PromptRecord], n_children: int, *, step: int) -> EvolveBatch:
@@ -241,6 +221,5 @@ class CurriculumEvolver:
         raise NotImplementedError("tree best-of-N needs an LLM judge; evolve.method 'curriculum' does not support it")
 
 
-__all__ = ["AT_MAX_DIFFICULTY", "AT_MAX_TERMS", "AT_MIN_DIFFICULTY", "CURRICULUM_REJECTION_REASONS",
-           "CurriculumEvolver", "DEFAULT_WEIGHTS", "ExactTextValidator", "IN_BREADTH", "IN_DEPTH", "NOT_A_TASK",
-           "OPERATORS"]
+__all__ = ["AT_MAX_DIFFICULTY", "AT_MAX_TERMS", "AT_MIN_DIFFICULTY", "CurriculumEvolver", "DEFAULT_WEIGHTS",
+           "ExactTextValidator", "NOT_A_TASK"]

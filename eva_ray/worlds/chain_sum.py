@@ -29,7 +29,6 @@ is free; ``pip install reasoning-gym==0.1.25`` is needed once tasks are made or 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -41,6 +40,8 @@ from typing import Any
 import numpy as np
 
 from eva_ray.records import PromptRecord
+from eva_ray.worlds import base
+from eva_ray.worlds.base import World, WorldParamError, register_world
 
 WORLD = "chain_sum"
 LEVELS: tuple[int, ...] = (1, 2, 3, 4, 5)
@@ -56,8 +57,8 @@ SFT_MIX: dict[int, float] = {1: 0.4, 2: 0.4, 3: 0.2}
 
 _EXPR_RE = re.compile(r"^\s*(\d+)((?:\s*[+-]\s*\d+)*)\s*=?\s*$")
 _TERM_RE = re.compile(r"([+-])\s*(\d+)")
-_HASH_BUCKETS = 10_000
-_MAX_DRAWS_PER_ITEM, _MIN_DRAWS = 20, 5_000
+MORE_TERMS = "more_terms"
+AT_MAX_TERMS = "at_max_terms"
 
 
 # --- reasoning-gym ----------------------------------------------------------------------------------------------
@@ -133,18 +134,14 @@ def canonical(text: str) -> str:
 
 def is_held_out(text: str) -> bool:
     """Whether an expression belongs to the evaluation partition (a stable hash, the same in every process)."""
-    digest = hashlib.blake2b(canonical(text).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % _HASH_BUCKETS < HELD_OUT_FRACTION * _HASH_BUCKETS
+    return base.is_held_out(text, HELD_OUT_FRACTION)
 
 
 def sample_task(difficulty: int, num_terms: int, rng: np.random.Generator, *, held_out: bool = False,
                 max_draws: int = 1000) -> Task:
     """A random task of the training (default) or the held-out partition; reproducible from ``rng``."""
-    for _ in range(max_draws):
-        task = make_task(difficulty, num_terms, seed=int(rng.integers(0, 2**48)))
-        if is_held_out(task.text) == held_out:
-            return task
-    raise RuntimeError(f"no {'held-out' if held_out else 'training'} task in {max_draws} draws")  # pragma: no cover
+    knobs = {"difficulty": difficulty, "num_terms": num_terms}
+    return ChainSumWorld().sample_task(knobs, rng, held_out=held_out, max_draws=max_draws)
 
 
 def parse_expression(text: str) -> tuple[list[int], list[str]]:
@@ -183,73 +180,16 @@ def task_params(record: PromptRecord) -> tuple[int, int]:
 
 
 # --- sets ---------------------------------------------------------------------------------------------------------
-def _level_counts(n: int, mix: Mapping[int, float]) -> dict[int, int]:
-    """Split ``n`` over levels in proportion to ``mix`` (largest remainder, ties to the lower level)."""
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    levels = sorted(mix)
-    weights = np.array([float(mix[d]) for d in levels])
-    if not levels or (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"mix must give non-negative weights with a positive sum, got {dict(mix)}")
-    for d in levels:
-        _check_params(d, DEFAULT_NUM_TERMS)
-    exact = n * weights / weights.sum()
-    counts = np.floor(exact).astype(int)
-    for i in sorted(range(len(levels)), key=lambda i: (-(exact[i] - counts[i]), levels[i]))[: n - counts.sum()]:
-        counts[i] += 1
-    return {d: int(c) for d, c in zip(levels, counts)}
-
-
-def _distinct_tasks(count: int, difficulty: int, num_terms: int, rng: np.random.Generator, *, held_out: bool,
-                    exact: bool) -> list[Task]:
-    """``count`` distinct tasks of one partition and level; fewer only if ``exact`` is False and the space is small."""
-    out: list[Task] = []
-    seen: set[str] = set()
-    budget = max(_MIN_DRAWS, _MAX_DRAWS_PER_ITEM * count)
-    draws = 0
-    while len(out) < count and draws < budget:
-        draws += 1
-        task = make_task(difficulty, num_terms, seed=int(rng.integers(0, 2**48)))
-        if task.text in seen or is_held_out(task.text) != held_out:
-            continue
-        seen.add(task.text)
-        out.append(task)
-    if len(out) < count and exact:
-        raise ValueError(f"level {difficulty} with {num_terms} terms: found only {len(out)} distinct "
-                         f"{'held-out' if held_out else 'training'} expressions in {draws} draws, {count} asked; "
-                         f"lower this level's share of the mix")
-    return out
-
-
 def seed_set(n: int, mix: Mapping[int, float] | None = None, seed: int = 0, *,
              num_terms: int = DEFAULT_NUM_TERMS) -> list[PromptRecord]:
-    """The seed set D: ``n`` distinct training-partition tasks, split over levels by ``mix``, in a seeded shuffle.
-
-    Ids are ``seed-<i>``; each record's meta holds world, answer, difficulty, num_terms and rg_seed.
-    """
-    counts = _level_counts(n, DEFAULT_MIX if mix is None else mix)
-    tasks: list[Task] = []
-    for d, c in counts.items():
-        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED, d, num_terms]))
-        tasks.extend(_distinct_tasks(c, d, num_terms, rng, held_out=False, exact=True))
-    order = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED, 0])).permutation(len(tasks))
-    return [tasks[int(j)].record(f"seed-{i}") for i, j in enumerate(order)]
+    """The seed set D of :meth:`ChainSumWorld.seed_set` with ``num_terms`` terms per expression."""
+    return ChainSumWorld({"num_terms": num_terms}).seed_set(n, mix, seed)
 
 
 def eval_set(n_per_level: int, seed: int = 0, *, levels: Sequence[int] = LEVELS,
              num_terms: int = DEFAULT_NUM_TERMS) -> list[PromptRecord]:
-    """Held-out evaluation tasks: up to ``n_per_level`` distinct ones per level, grouped by level.
-
-    Disjoint from every seed set, SFT batch and curriculum child (they come from the other partition). A level
-    whose held-out space is smaller (d=1 with 2 terms: about 40 of 200 expressions) gives all it has. Ids are
-    ``eval-d<d>-<i>``.
-    """
-    out: list[PromptRecord] = []
-    for d in levels:
-        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xE7A1, int(d), num_terms]))
-        tasks = _distinct_tasks(n_per_level, int(d), num_terms, rng, held_out=True, exact=False)
-        out.extend(t.record(f"eval-d{d}-{i}") for i, t in enumerate(tasks))
-    return out
+    """Held-out tasks of :meth:`ChainSumWorld.eval_set` (about 40 exist at d=1 with 2 terms)."""
+    return ChainSumWorld({"num_terms": num_terms}).eval_set(n_per_level, seed, levels=levels)
 
 
 def write_jsonl(records: Sequence[PromptRecord], path: str | Path) -> Path:
@@ -348,10 +288,6 @@ def digits_reward(prompt: PromptRecord, response: str) -> float:
     return sum(x == y for x, y in zip(a, b)) / max(len(a), len(b))
 
 
-REWARDS: dict[str, str] = {"verifier": "reward", "exact": "exact_reward", "digits": "digits_reward"}
-"""``world.reward`` -> the name of this module's reward function."""
-
-
 # --- evaluating a solver --------------------------------------------------------------------------------------------
 def evaluate_solver(model: Any, tokenizer: Any, records: Sequence[PromptRecord], *, temperature: float = 0.0,
                     max_new_tokens: int = 12, batch_size: int = 512, seed: int = 0) -> dict[int, dict[str, float]]:
@@ -405,6 +341,61 @@ def _generate(model: Any, rows: list[list[int]], pad: int, eos: int, temperature
         cut = row.index(eos) + 1 if eos in row else len(row)
         responses.append(row[:cut])
     return responses
+
+
+# --- the world ----------------------------------------------------------------------------------------------------
+@register_world
+class ChainSumWorld(World):
+    """chain_sum behind the world interface. Knobs: ``difficulty`` (digits per operand) and ``num_terms``.
+
+    ``world.params``: ``num_terms`` (terms in the seed and held-out sets, default 2) and ``max_terms`` (the cap of
+    the ``more_terms`` move, default 12, reasoning-gym's curriculum range). Every level's skill unit is the level.
+    """
+
+    name = WORLD
+    rewards = {"verifier": f"{__name__}:reward", "exact": f"{__name__}:exact_reward",
+               "digits": f"{__name__}:digits_reward"}
+    default_reward = "verifier"
+    moves = (base.HARDER, base.SIBLING, base.EASIER, MORE_TERMS)
+    default_model = "world:chain_sum_solver"
+    held_out_fraction = HELD_OUT_FRACTION
+    levels = LEVELS
+    default_mix = DEFAULT_MIX
+    param_defaults = {"num_terms": DEFAULT_NUM_TERMS, "max_terms": MAX_TERMS}
+
+    def __init__(self, params: Mapping[str, Any] | None = None, *, seed: int = 0) -> None:
+        super().__init__(params, seed=seed)
+        for key, low in (("num_terms", MIN_TERMS), ("max_terms", MIN_TERMS)):
+            value = self.params[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise WorldParamError(f"world.params.{key}: {value!r}; allowed: an integer >= {low}")
+
+    def _set_key(self) -> tuple[int, ...]:
+        return (int(self.params["num_terms"]),)
+
+    def base_knobs(self, difficulty: int) -> dict[str, int]:
+        return {"difficulty": int(difficulty), "num_terms": int(self.params["num_terms"])}
+
+    def draw_task(self, knobs: Mapping[str, int], rng: np.random.Generator) -> Task:
+        return make_task(knobs["difficulty"], knobs.get("num_terms", self.params["num_terms"]),
+                         seed=int(rng.integers(0, 2**48)))
+
+    def knobs(self, record: PromptRecord) -> dict[str, int]:
+        difficulty, num_terms = task_params(record)
+        return {"difficulty": difficulty, "num_terms": num_terms}
+
+    def answer(self, record: PromptRecord) -> str:
+        return answer_of(record)
+
+    def move(self, operator: str, knobs: Mapping[str, int], *, min_difficulty: int, max_difficulty: int
+             ) -> tuple[dict[str, int], str | None]:
+        if operator == MORE_TERMS:
+            k = int(knobs["num_terms"])
+            return {**knobs, "num_terms": k + 1}, AT_MAX_TERMS if k >= self.params["max_terms"] else None
+        moved, why = super().move(operator, knobs, min_difficulty=min_difficulty, max_difficulty=max_difficulty)
+        if operator == base.SIBLING:
+            moved["num_terms"] = min(int(knobs["num_terms"]), int(self.params["max_terms"]))
+        return moved, why
 
 
 # --- command line ---------------------------------------------------------------------------------------------------

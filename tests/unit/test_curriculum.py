@@ -19,6 +19,7 @@ from eva_ray.evolve.curriculum import (  # noqa: E402
 from eva_ray.evolve.validate import DUPLICATE_IN_BUFFER, EvolveValidator  # noqa: E402
 from eva_ray.records import PromptRecord, child_id  # noqa: E402
 from eva_ray.worlds import chain_sum as w  # noqa: E402
+from eva_ray.worlds import make_world  # noqa: E402
 
 
 def parent(d: int, k: int = 2, seed: int = 0, pid: str | None = None, info: float | None = 0.5) -> PromptRecord:
@@ -78,7 +79,7 @@ def test_at_the_cap_the_attempt_is_rejected_and_counted():
     assert low.counts.rejected == {AT_MIN_DIFFICULTY: 2}
     capped = evolve(CurriculumEvolver(operators=["harder"], max_difficulty=3), [parent(3), parent(2)], 1)
     assert capped.counts.rejected == {AT_MAX_DIFFICULTY: 1} and capped.children[0].meta["difficulty"] == 3
-    terms = evolve(CurriculumEvolver(operators=["more_terms"], max_terms=2), [parent(2)], 1)
+    terms = evolve(CurriculumEvolver(world=make_world("chain_sum", {"max_terms": 2}), operators=["more_terms"]), [parent(2)], 1)
     assert terms.counts.rejected == {AT_MAX_TERMS: 1}
 
 
@@ -119,7 +120,7 @@ def test_counts_always_sum_and_the_evolver_is_deterministic():
     weights = {"harder": 1.0, "sibling": 1.0, "easier": 1.0, "more_terms": 0.5}
 
     def run():
-        ev = CurriculumEvolver(weights=weights, rng_seed=11, max_terms=3)
+        ev = CurriculumEvolver(world=make_world("chain_sum", {"max_terms": 3}), weights=weights, rng_seed=11)
         return evolve(ev, parents, 6)
 
     a, b = run(), run()
@@ -148,11 +149,11 @@ def test_parents_without_meta_or_not_tasks():
 
 
 def test_a_broken_world_is_a_counted_failure_not_a_dead_batch():
-    def broken(d, k, rng):
-        raise RuntimeError("generator down")
+    class Broken(w.ChainSumWorld):
+        def draw_task(self, knobs, rng):
+            raise RuntimeError("generator down")
 
-    world = types.SimpleNamespace(**{n: getattr(w, n) for n in ("MIN_DIFFICULTY", "MAX_DIFFICULTY", "MAX_TERMS",
-                                                                "task_params")}, sample_task=broken)
+    world = Broken()
     batch = evolve(CurriculumEvolver(world=world, operators=["sibling"]), [parent(2)], 3)
     assert batch.children == [] and batch.counts.failed == {"RuntimeError": 3} and total(batch.counts) == 3
 

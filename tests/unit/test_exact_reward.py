@@ -35,10 +35,13 @@ def test_world_reward_names_the_function():
     assert reward_function("chain_sum", "exact") == "eva_ray.worlds.chain_sum:exact_reward"
     with pytest.raises(ValueError, match="no reward 'fuzzy'"):
         reward_function("chain_sum", "fuzzy")
-    assert load_config(None, ["reward.function=a.b:c"]).world.reward == "verifier"
-    assert load_config(None, ["reward.function=a.b:c", "world.reward=exact"]).world.reward == "exact"
+    # The world's own default; its rewards are the choices.
+    assert load_config(None, ["world.name=chain_sum"]).world.reward == "verifier"
+    assert load_config(None, ["world.name=chain_sum", "world.reward=exact"]).world.reward == "exact"
     with pytest.raises(ConfigError, match="world.reward"):
-        load_config(None, ["reward.function=a.b:c", "world.reward=fuzzy"])
+        load_config(None, ["world.name=chain_sum", "world.reward=fuzzy"])
+    with pytest.raises(ConfigError, match="world.reward"):
+        load_config(None, ["world.name=cipher", "world.reward=digits"])  # a chain_sum reward, not cipher's
 
 
 def test_the_reward_actor_loads_it():
