@@ -288,6 +288,8 @@ class LoggingConfig:
     log_every: int = knob(1, "Log metrics every N steps.", ge=1)
     eval_every: int = knob(10, "Evaluate the win-rate against the initial policy every N steps (0: never).", ge=0)
     progress: bool = knob(True, "Show a progress line per step with rate and ETA.")
+    health_window: int = knob(20, "Steps over which the creator's health (reward spread, skill coverage, what "
+                              "informativeness tracks) is measured; health/* metrics and the summary.", ge=1)
 
 
 @dataclass

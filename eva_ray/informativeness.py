@@ -14,6 +14,8 @@ metric              score of one prompt (r = its n rewards)  role in the paper
 ``inv_reward_mean`` ``1 / (max(mean(r), 0) + eps)``          heuristic baseline (prefers low reward)
 ``inv_a_min``       ``1 / (a_min + eps)``                    ablation: prefers *uninformative* prompts
 ``uniform``         ``1``                                    ablation: no prioritisation
+``learnability``    ``p (1 - p)``, ``p = clip(mean(r), 0, 1)`` not in eva: SFL's "learnability" (success
+                                                             rate p of a 0/1 reward), highest at p = 1/2
 =================== ======================================== ==========================================
 
 Usage::
@@ -40,6 +42,7 @@ METRICS: tuple[str, ...] = (
     "inv_reward_mean",
     "inv_a_min",
     "uniform",
+    "learnability",
 )
 
 DEFAULT_METRIC: dict[str, str] = {"online": "a_avg", "offline": "a_min"}
@@ -164,6 +167,13 @@ def _uniform(r: np.ndarray, valid: np.ndarray, n: np.ndarray, eps: float) -> np.
     return np.ones(r.shape[0])
 
 
+def _learnability(r: np.ndarray, valid: np.ndarray, n: np.ndarray, eps: float) -> np.ndarray:
+    # The variance of a Bernoulli success: 0 where the solver always or never succeeds, largest at p = 1/2. Unlike
+    # the advantages it does not favour a prompt solved once in N over one solved N/2 times.
+    p = np.clip(_row_mean(r, valid, n), 0.0, 1.0)
+    return p * (1.0 - p)
+
+
 _METRIC_FNS: dict[str, MetricFn] = {
     "a_min": _a_min,
     "a_avg": _a_avg,
@@ -173,6 +183,7 @@ _METRIC_FNS: dict[str, MetricFn] = {
     "inv_reward_mean": _inv_reward_mean,
     "inv_a_min": _inv_a_min,
     "uniform": _uniform,
+    "learnability": _learnability,
 }
 assert tuple(_METRIC_FNS) == METRICS
 

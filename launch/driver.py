@@ -49,6 +49,7 @@ import numpy as np
 from eva_ray.batching import collate
 from eva_ray.config import Config, from_dict, read_yaml, to_dict, to_yaml
 from eva_ray.data import load_seed_prompts, split_seed_set
+from eva_ray.health import CreatorHealth
 from eva_ray.records import PromptRecord
 from eva_ray.rollouts import Rollout
 from eva_ray.tiny import resolve_model_path
@@ -95,6 +96,8 @@ class RunSummary:
     """The checkpoint step of every ``--resume`` of this run directory."""
     rollouts: int = 0
     """Every rollout generated so far, trained and spent probing (the creator's ``rollouts_total``)."""
+    health: dict[str, Any] = field(default_factory=dict)
+    """The creator's health over the last ``logging.health_window`` steps (see :mod:`eva_ray.health`)."""
 
     def spent(self, cfg: Config) -> bool:
         """Whether the run's rollout budget (``run.total_rollouts``) is used up."""
@@ -357,6 +360,7 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
             logger.log(0, {"eval": summary.eval_start})  # step 0 of the learning curve: the initial policy
             echo(f"eva-ray: held-out accuracy before training {_levels(summary.eval_start)}")
         progress = Progress(cfg.run.total_steps, enabled=cfg.logging.progress, echo=echo)
+        health = CreatorHealth(world_of(cfg), window=cfg.logging.health_window)
         # Once the rollout budget is spent nothing more is prepared; a batch already out is still trained.
         pipeline = (Pipeline(lambda k: may_prefetch(cfg, k) and not summary.spent(cfg)) if cfg.run.overlap == "on"
                     else None)
@@ -370,7 +374,8 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
         end = summary.steps_done if summary.spent(cfg) else cfg.run.total_steps
         for step in range(summary.steps_done, end):
             at_boundary = False
-            metrics = one_step(cfg, system, step, summary, restarts, pipeline=pipeline)
+            metrics = one_step(cfg, system, step, summary, restarts, pipeline=pipeline, health=health)
+            summary.health = metrics["health"] | {"uncovered": health.uncovered()}
             summary.phases.append(metrics.pop("phase_name"))
             summary.rollouts = int(metrics["creator"].get("rollouts_total", 0))
             last = step + 1 == cfg.run.total_steps or (summary.spent(cfg) and not (pipeline and pipeline.ahead))
@@ -457,6 +462,22 @@ def _levels(acc: dict[str, float], name: str = "accuracy") -> str:
     return f"{acc[name]:.3f} ({per_level})"
 
 
+def health_lines(health: dict[str, Any]) -> list[str]:
+    """The creator's health over its last window, for the summary; a starving creator says so first."""
+    if not health:
+        return []
+    parts = [f"reward spread on {health['spread_fraction_window']:.0%} of trained prompts"]
+    if "coverage" in health:
+        parts.append(f"skill coverage {health['coverage']:.0%}")
+    parts.append(f"corr(informativeness, p(1-p)) {health['info_learnability_corr']:.2f}, "
+                 f"corr(informativeness, p) {health['info_success_corr']:.2f}")
+    lines = [f"  creator health (last window): {'; '.join(parts)}"]
+    if health.get("starving"):
+        lines.append(f"  STARVING: the last window trained on none of these skill units: "
+                     f"{', '.join(health.get('uncovered', []))}")
+    return lines
+
+
 def summary_lines(summary: RunSummary) -> list[str]:
     """The end-of-run report: how the phases went, what evolving produced, where the outputs are."""
     counts = {p: summary.phases.count(p) for p in dict.fromkeys(summary.phases)}
@@ -488,6 +509,7 @@ def summary_lines(summary: RunSummary) -> list[str]:
                          f"{_levels(summary.eval_start, 'expected_accuracy')}")
             lines.append(f"                                               end   "
                          f"{_levels(summary.eval, 'expected_accuracy')}")
+    lines.extend(health_lines(summary.health))
     if "weight_change" in final:
         lines.append(f"  policy moved {final['weight_change']:.4g} (L2) from its start; version "
                      f"{final.get('learner_version')}")
@@ -557,7 +579,8 @@ class Pipeline:
 
 
 def one_step(cfg: Config, system: System, step: int, summary: RunSummary,
-             restarts: Restarts | None = None, *, pipeline: Pipeline | None = None) -> dict[str, Any]:
+             restarts: Restarts | None = None, *, pipeline: Pipeline | None = None,
+             health: CreatorHealth | None = None) -> dict[str, Any]:
     """One step of online eva; returns its metrics (namespaced: train/, rollout/, buffer/, creator/, timing/).
 
     With ``restarts``, a rollout worker or the reward actor that dies during its call is waited for (Ray restarts
@@ -586,7 +609,7 @@ def one_step(cfg: Config, system: System, step: int, summary: RunSummary,
     # The learner starts first (it needs nothing from the creator), so the report overlaps training too. The report
     # still comes before the next batch is planned, so the creator plans step t + 1 knowing step t's scores.
     training = system.learner.call("train_step", collate(groups, result.rewards, system.pad_token_id))
-    gather([system.creator.call("report", step, result.rewards)])
+    report = gather([system.creator.call("report", step, result.rewards)])[0]
     lap("report")
     # creator.child_scoring=probe: children evolved so far are measured before the next batch can draw them.
     probe = probe_children(cfg, system, step + 1, retry)
@@ -620,6 +643,7 @@ def one_step(cfg: Config, system: System, step: int, summary: RunSummary,
         "timing": timing | {k.removeprefix("timing/"): v for k, v in train_metrics.items()
                             if k.startswith("timing/")},
         "perf": sync,
+        "health": health.update(ready.batch.prompts, result.rewards, report["scores"]) if health else {},
         **({"probe": probe} if probe else {}),
         "phase_name": creator_stats["phase_name"],
     }

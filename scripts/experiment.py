@@ -1,6 +1,6 @@
-"""eva against its ablations in the chain_sum proving ground, at equal learner steps and equal rollouts.
+"""eva against its ablations in a world (chain_sum, cipher), at equal learner steps and equal rollouts.
 
-Every arm runs the default `eva-ray run` config (launch/default_run.yaml) with the same total_steps, minibatch and
+Every arm runs one base config (--config; default launch/default_run.yaml) with the same total_steps, minibatch and
 n_responses, so arms differ only in how the creator picks and evolves prompts:
 
   eva      the default: a_avg informativeness, weighted buffer sampling, curriculum evolving
@@ -11,6 +11,19 @@ n_responses, so arms differ only in how the creator picks and evolves prompts:
   probe    eva with children measured before they are drawn (creator.child_scoring=probe): each new child gets
            creator.probe_responses rollouts and enters the buffer at its measured score, or is dropped; those
            rollouts count in the run's rollout total (creator/rollouts_total), reported per run
+  uniform_all  no creator, fresh prompts at every level in the world's own mix (an oracle that knows the
+           difficulty scale; D is made large enough never to repeat)
+  a_min, variance, learnability  eva with creator.metric a_min, reward_var, or p(1-p) (SFL's learnability)
+  staleness  eva with a PLR-style staleness term in buffer sampling (creator.staleness_coef=0.3), a remedy for a
+           buffer that stops replaying what it no longer scores
+
+--sweep KEY=V1,V2 runs every arm at each value (cells named ``arm KEY=V``), e.g. the KL coefficient; --jobs N runs N
+inline runs side by side (separate processes). The cipher grid:
+
+    python scripts/experiment.py --config configs/cipher.yaml --name experiment-cipher --seeds 5 --jobs 2 \
+        --arms eva,static,uniform_all --sweep solver.beta=0,0.03,0.1 --rollouts 76800 --steps 400
+    python scripts/experiment.py --config configs/cipher.yaml --name experiment-cipher-ablations --seeds 5 \
+        --jobs 2 --arms eva,a_min,variance,inverse,learnability,greedy,probe,staleness --rollouts 76800 --steps 400
 
 Each arm runs with several run.seed values; the held-out set is fixed by world.eval_seed, so all arms are scored on
 the same items. The report (--out: experiment.md + experiment.png) gives, per arm, final held-out greedy accuracy
@@ -56,9 +69,13 @@ ARMS: dict[str, list[str]] = {
     "greedy": ["creator.sampling=greedy"],
     "inverse": ["creator.metric=inv_a_min"],
     "probe": ["creator.child_scoring=probe"],
+    "uniform_all": ["evolve.method=none", "creator.seed_epochs=100", "world.level_mix=null", "world.seed_size=16000"],
+    "a_min": ["creator.metric=a_min"],
+    "variance": ["creator.metric=reward_var"],
+    "learnability": ["creator.metric=learnability"],
+    "staleness": ["creator.staleness_coef=0.3"],
 }
 DEFAULT_ARMS = ("eva", "static", "uniform", "greedy", "inverse")  # probe is asked for by name (--arms)
-LEVELS = range(1, 6)
 INDEX = "index.json"
 READING_HEADING = "\n## Reading"
 
@@ -121,7 +138,8 @@ def stopped_early(runs_dir: Path, arm: str, seed: int, steps: int, error: str) -
     Recorded so that the report can say which arms could not go the distance, and so that a deterministic failure is
     not re-run every time the experiment resumes (--retry-failed does that on purpose).
     """
-    dirs = sorted((runs_dir / arm).glob(f"{arm}-seed{seed}-steps{steps}-*"), key=lambda p: p.stat().st_mtime)
+    dirs = sorted((runs_dir / cell_dir(arm)).glob(f"{cell_dir(arm)}-seed{seed}-steps{steps}-*"),
+                  key=lambda p: p.stat().st_mtime)
     summary: dict[str, Any] = {}
     if dirs:
         try:
@@ -134,14 +152,25 @@ def stopped_early(runs_dir: Path, arm: str, seed: int, steps: int, error: str) -
             "finished": dt.datetime.now().isoformat(timespec="seconds")}
 
 
+def cell_overrides(cell: str) -> list[str]:
+    """The overrides of a cell: its arm's, then its sweep value (``eva solver.beta=0.1``)."""
+    arm, _, swept = cell.partition(" ")
+    return [*ARMS[arm], *([swept] if swept else [])]
+
+
+def cell_dir(cell: str) -> str:
+    return cell.replace(" ", "_").replace("=", "")
+
+
 def run_one(config: Path, arm: str, seed: int, steps: int, overrides: list[str], runs_dir: Path, *,
             inline: bool, quiet: bool) -> dict:
     from eva_ray.config import load_config
     from launch.driver import run
 
     # Arm overrides come after the user's so an arm always means what its name says.
-    cfg = load_config(config, [*overrides, *ARMS[arm], f"run.seed={seed}", f"run.total_steps={steps}",
-                               f"run.name={arm}-seed{seed}-steps{steps}", f"run.output_dir={runs_dir / arm}",
+    name = f"{cell_dir(arm)}-seed{seed}-steps{steps}"
+    cfg = load_config(config, [*overrides, *cell_overrides(arm), f"run.seed={seed}", f"run.total_steps={steps}",
+                               f"run.name={name}", f"run.output_dir={runs_dir / cell_dir(arm)}",
                                "logging.progress=false"])
     tag = f"[{arm} seed {seed}]"
     t0 = time.perf_counter()
@@ -152,11 +181,12 @@ def run_one(config: Path, arm: str, seed: int, steps: int, overrides: list[str],
 
 
 def run_all(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
-    """Run every missing (arm, seed); returns the index records of finished runs and of runs that stopped early."""
+    """Run every missing (cell, seed), ``--jobs`` at a time; returns the index records of finished runs and of runs
+    that stopped early."""
     runs_dir = Path(args.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     index = load_index(runs_dir)
-    records, failed = [], []
+    records, failed, todo = [], [], []
     for seed in args.seed_list:  # seed-major: a partial experiment still has every arm at the first seeds
         for arm in args.arm_list:
             key = run_key(arm, seed, args.steps, args.overrides)
@@ -164,35 +194,61 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
             if rec and rec.get("error") and not args.retry_failed:
                 print(f"experiment: skip {key} (stopped early before: {rec['error'][:100]})", flush=True)
                 failed.append(rec)
-                continue
-            if rec and not rec.get("error") and complete_summary(rec["run_dir"], args.steps):
+            elif rec and not rec.get("error") and complete_summary(rec["run_dir"], args.steps):
                 print(f"experiment: skip {key} (done: {rec['run_dir']})", flush=True)
                 records.append(rec)
-                continue
-            if args.report_only:
-                continue
-            print(f"experiment: run {key}", flush=True)
-            try:
-                rec = run_one(args.config, arm, seed, args.steps, args.overrides, runs_dir, inline=args.inline,
-                              quiet=args.quiet)
-            except Exception as exc:  # one broken run should not lose the others; it is recorded and reported
-                print(f"experiment: {key} failed: {type(exc).__name__}: {exc}", flush=True)
-                rec = stopped_early(runs_dir, arm, seed, args.steps, f"{type(exc).__name__}: {exc}")
-            else:
-                if not complete_summary(rec["run_dir"], args.steps):
-                    print(f"experiment: {key} did not finish (see {rec['run_dir']}/summary.json)", flush=True)
-                    rec = stopped_early(runs_dir, arm, seed, args.steps, "did not finish")
-            if rec.get("error"):
-                save_run(runs_dir, key, rec)
-                failed.append(rec)
-                continue
+            elif not args.report_only:
+                todo.append((key, arm, seed))
+    if not todo:
+        return records, failed
+    import concurrent.futures
+    import multiprocessing
+
+    def finish(key: str, arm: str, seed: int, future: concurrent.futures.Future) -> None:
+        try:
+            rec = future.result()
+        except Exception as exc:  # one broken run should not lose the others; it is recorded and reported
+            print(f"experiment: {key} failed: {type(exc).__name__}: {exc}", flush=True)
+            rec = stopped_early(runs_dir, arm, seed, args.steps, f"{type(exc).__name__}: {exc}")
+        else:
+            if not complete_summary(rec["run_dir"], args.steps):
+                print(f"experiment: {key} did not finish (see {rec['run_dir']}/summary.json)", flush=True)
+                rec = stopped_early(runs_dir, arm, seed, args.steps, "did not finish")
+        save_run(runs_dir, key, rec)  # at once: an interrupted experiment loses only the runs in progress
+        if rec.get("error"):
+            failed.append(rec)
+        else:
             print(f"experiment: {key} done in {rec['wall_s']:.0f} s", flush=True)
-            save_run(runs_dir, key, rec)
             records.append(rec)
+
+    kwargs = dict(inline=args.inline, quiet=args.quiet or args.jobs > 1)
+    if args.jobs <= 1:
+        for key, arm, seed in todo:
+            print(f"experiment: run {key}", flush=True)
+            finish(key, arm, seed, _done(run_one, args.config, arm, seed, args.steps, args.overrides, runs_dir,
+                                         **kwargs))
+        return records, failed
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {}
+        for key, arm, seed in todo:
+            print(f"experiment: queue {key}", flush=True)
+            futures[pool.submit(run_one, args.config, arm, seed, args.steps, args.overrides, runs_dir,
+                                **kwargs)] = (key, arm, seed)
+        for future in concurrent.futures.as_completed(futures):
+            finish(*futures[future], future)
     return records, failed
 
 
-# --------------------------------------------------------------------------------------------------------- reporting
+def _done(fn, *args, **kwargs):
+    """Run now; a finished future (or one holding the exception), so serial and pooled runs read alike."""
+    import concurrent.futures
+
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    try:
+        future.set_result(fn(*args, **kwargs))
+    except Exception as exc:  # noqa: BLE001 - reported by the caller, like a pooled run's
+        future.set_exception(exc)
+    return future
 
 
 def metric_rows(run_dir: str | Path) -> list[dict]:
@@ -202,13 +258,24 @@ def metric_rows(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip() and "creator/evolved_prompts" not in line]
 
 
-def curve(rows: list[dict], start: float) -> list[tuple[int, float]]:
-    """Held-out accuracy over steps, with the start accuracy at step 0."""
+def curve(rows: list[dict], start: float, key: str = "accuracy") -> list[tuple[int, float]]:
+    """Held-out ``eval/<key>`` over steps, with the start value at step 0."""
     points = {0: start}  # the log may hold its own step-0 evaluation; by step, so it is counted once
     for row in rows:
-        if row.get("eval/accuracy") is not None:
-            points[int(row["train/global_step"])] = float(row["eval/accuracy"])
+        if row.get(f"eval/{key}") is not None:
+            points[int(row["train/global_step"])] = float(row[f"eval/{key}"])
     return sorted(points.items())
+
+
+def rollout_curve(rows: list[dict], start: dict[str, float]) -> list[list[float]]:
+    """``[rollouts so far, accuracy, expected accuracy or NaN]`` at every evaluation, from 0 rollouts: what arms
+    that spend rollouts differently (probes) are compared on."""
+    points = [[0, start.get("accuracy", math.nan), start.get("expected_accuracy", math.nan)]]
+    for row in rows:
+        if row.get("eval/accuracy") is not None and row.get("creator/rollouts_total") is not None:
+            points.append([int(row["creator/rollouts_total"]), float(row["eval/accuracy"]),
+                           float(row.get("eval/expected_accuracy", math.nan))])
+    return points
 
 
 def informative_share(rows: list[dict]) -> float | None:
@@ -239,7 +306,23 @@ def run_rollouts(run_dir: str | Path, rows: list[dict], steps: int) -> int | Non
 
 
 def accuracy_keys(acc: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in acc.items() if k == "accuracy" or k.startswith("accuracy_level_")}
+    return {k: v for k, v in acc.items() if k.removeprefix("expected_") == "accuracy"
+            or k.removeprefix("expected_").startswith("accuracy_level_")}
+
+
+def levels_of(by_arm: dict[str, list[dict]]) -> list[int]:
+    """The difficulty levels the evaluations report (``accuracy_level_<d>``), in order."""
+    keys = {k for seeds in by_arm.values() for s in seeds for k in s["start"]}
+    return sorted(int(k.rsplit("_", 1)[1]) for k in keys if k.startswith("accuracy_level_"))
+
+
+def world_name(config: Path) -> str:
+    import yaml
+
+    try:
+        return (yaml.safe_load(config.read_text()) or {}).get("world", {}).get("name") or "seed-file"
+    except (OSError, ValueError, AttributeError):
+        return "?"
 
 
 def collect(records: list[dict]) -> dict[str, list[dict]]:
@@ -253,8 +336,9 @@ def collect(records: list[dict]) -> dict[str, list[dict]]:
         rows = metric_rows(rec["run_dir"])  # read once for both the curve and the spread share
         by_arm.setdefault(rec["arm"], []).append({
             "seed": rec["seed"], "wall_s": rec.get("wall_s"), "start": start, "final": final,
-            "curve": curve(rows, start["accuracy"]), "informative": informative_share(rows),
-            "overrides": [*rec.get("overrides", []), *ARMS.get(rec["arm"], [])], "steps": summary["steps_done"],
+            "curve": curve(rows, start["accuracy"]), "rollout_curve": rollout_curve(rows, start),
+            "informative": informative_share(rows), "health": summary.get("health", {}),
+            "overrides": [*rec.get("overrides", []), *cell_overrides(rec["arm"])], "steps": summary["steps_done"],
             "rollouts": run_rollouts(rec["run_dir"], rows, summary["steps_done"]), "run_dir": rec["run_dir"]})
     return by_arm
 
@@ -309,6 +393,15 @@ def verdict(by_arm: dict[str, list[dict]]) -> str:
     return " ".join(parts)
 
 
+def sweep_groups(by_arm: dict[str, list[dict]]) -> dict[str, dict[str, list[dict]]]:
+    """Cells grouped by their sweep value (``"" `` without a sweep), keyed by arm inside, for one verdict each."""
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for cell, seeds in by_arm.items():
+        arm, _, swept = cell.partition(" ")
+        groups.setdefault(swept, {})[arm] = seeds
+    return groups
+
+
 def span(values: list[int | None]) -> str:
     """One number when every seed has it, else min-max: the cost columns, which must read alike across arms."""
     known = sorted(v for v in values if v is not None)
@@ -320,7 +413,8 @@ def span(values: list[int | None]) -> str:
 def write_markdown(path: Path, by_arm: dict[str, list[dict]], args: argparse.Namespace, command: str,
                    failed: list[dict]) -> None:
     arms = [a for a in args.arm_list if a in by_arm]
-    lines = ["# eva vs ablations in the chain_sum proving ground", "",
+    levels = levels_of(by_arm)
+    lines = [f"# eva vs ablations in the {world_name(args.config)} world", "",
              f"- date: {dt.date.today().isoformat()}",
              f"- command: `{command}`",
              f"- arms: {', '.join(arms)}; seeds (run.seed): {', '.join(map(str, args.seed_list))}; "
@@ -331,9 +425,8 @@ def write_markdown(path: Path, by_arm: dict[str, list[dict]], args: argparse.Nam
              + (f"; overrides: `{' '.join(args.overrides)}`" if args.overrides else ""),
              "- held-out set fixed by world.eval_seed, shared by all arms; greedy decoding",
              "- cells: mean ± std [min–max] over seeds; Δ = final − start, averaged over seeds", ""]
-    for arm in ARMS:
-        if arm in arms:
-            lines.append(f"  - {arm}: `{' '.join(ARMS[arm]) or '(default config)'}`")
+    for arm in arms:
+        lines.append(f"  - {arm}: `{' '.join(cell_overrides(arm)) or '(default config)'}`")
     lines += ["", "## Overall held-out accuracy", "",
               "| arm | seeds | start | final | Δ | trained prompts with reward spread | learner steps | rollouts "
               "(probes included) | wall s / run |",
@@ -350,19 +443,46 @@ def write_markdown(path: Path, by_arm: dict[str, list[dict]], args: argparse.Nam
         lines.append(f"| {arm} | {len(seeds)} | {start['mean']:.3f} | {fmt(final)} | {fmt_delta(delta)} | {share} "
                      f"| {cost[0]} | {cost[1]} | {wall} |")
     lines += ["", "## Final accuracy by level (Δ from start in parentheses)", "",
-              "| arm | " + " | ".join(f"L{d}" for d in LEVELS) + " |", "|---|" + "---|" * len(LEVELS)]
+              "| arm | " + " | ".join(f"L{d}" for d in levels) + " |", "|---|" + "---|" * len(levels)]
     for arm in arms:
         cells = []
-        for d in LEVELS:
+        for d in levels:
             final, delta = arm_stats(by_arm[arm], f"accuracy_level_{d}")
             cells.append(f"{fmt(final)} ({signed(delta['mean'])})" if final["n"] else "–")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     start_levels = by_arm[arms[0]][0]["start"] if arms else {}
     if start_levels:
         lines += ["", "Start accuracy by level (same policy and held-out set in every arm): "
-                  + ", ".join(f"L{d} {start_levels.get(f'accuracy_level_{d}', float('nan')):.3f}" for d in LEVELS)
+                  + ", ".join(f"L{d} {start_levels.get(f'accuracy_level_{d}', float('nan')):.3f}" for d in levels)
                   + "."]
-    lines += ["", "## What the numbers show", "", verdict(by_arm)]
+    expected_levels = [d for d in levels if any(f"expected_accuracy_level_{d}" in x["final"]
+                                                for seeds in by_arm.values() for x in seeds)]
+    if expected_levels:
+        lines += ["", "## Expected sampled accuracy by level (teacher-forced mean of pi(answer | prompt))", "",
+                  "| arm | all | " + " | ".join(f"L{d}" for d in expected_levels) + " |",
+                  "|---|---|" + "---|" * len(expected_levels)]
+        for arm in arms:
+            cells = [arm_stats(by_arm[arm], k)[0] for k in
+                     ["expected_accuracy", *(f"expected_accuracy_level_{d}" for d in expected_levels)]]
+            lines.append(f"| {arm} | " + " | ".join(fmt(c) if c["n"] else "–" for c in cells) + " |")
+    if any(x["health"] for seeds in by_arm.values() for x in seeds):
+        lines += ["", "## Creator health over the last window of each run (mean over seeds)", "",
+                  "| arm | reward spread | skill coverage | corr(info, p(1-p)) | corr(info, p) | seeds starving |",
+                  "|---|---|---|---|---|---|"]
+        for arm in arms:
+            hs = [x["health"] for x in by_arm[arm] if x["health"]]
+
+            def mean(key: str) -> str:
+                vals = [h[key] for h in hs if h.get(key) is not None and math.isfinite(h[key])]
+                return f"{statistics.fmean(vals):.2f}" if vals else "–"
+
+            starving = sum(bool(h.get("starving")) for h in hs)
+            lines.append(f"| {arm} | {mean('spread_fraction_window')} | {mean('coverage')} | "
+                         f"{mean('info_learnability_corr')} | {mean('info_success_corr')} | {starving}/{len(hs)} |")
+    lines += ["", "## What the numbers show", ""]
+    for suffix, group in sweep_groups(by_arm).items():
+        lines.append((f"At {suffix}: " if suffix else "") + verdict(group))
+        lines.append("")
     if failed:
         lines += ["", "## Runs that stopped early (not in the tables above)", "",
                   "| arm | seed | steps done | accuracy at the stop | why |", "|---|---|---|---|---|"]
@@ -386,7 +506,8 @@ def write_json(path: Path, by_arm: dict[str, list[dict]], args: argparse.Namespa
             runs.append({"arm": arm, "seed": s["seed"], "overrides": s["overrides"],
                          "start": accuracy_keys(s["start"]), "final": accuracy_keys(s["final"]),
                          "spread_share": s["informative"], "steps": s["steps"], "rollouts": s["rollouts"],
-                         "wall_s": s["wall_s"]})
+                         "wall_s": s["wall_s"], "health": s["health"],
+                         "curve_rollouts_accuracy_expected": s["rollout_curve"]})
     report = {"command": command, "date": dt.date.today().isoformat(),
               "base_config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config),
               "runs": runs,
@@ -421,6 +542,8 @@ def write_plot(path: Path, by_arm: dict[str, list[dict]], arm_order: list[str], 
     # Left: final accuracy per arm, overall and at the "sometimes" levels 2-3 where RL can move anything; every seed
     # is a dot, the bar is the mean, so the spread is visible rather than summarised away.
     keys = [("accuracy", "overall"), ("accuracy_level_2", "level 2"), ("accuracy_level_3", "level 3")]
+    if any("expected_accuracy" in s["final"] for seeds in by_arm.values() for s in seeds):
+        keys.append(("expected_accuracy", "expected (sampled)"))
     width = 0.8 / len(keys)
     x = np.arange(len(arms))
     for j, (key, label) in enumerate(keys):
@@ -438,27 +561,26 @@ def write_plot(path: Path, by_arm: dict[str, list[dict]], arm_order: list[str], 
     ax_bar.set_ylim(0, 1)
     ax_bar.legend(fontsize=8)
     ax_bar.set_title("final accuracy per arm (dots: seeds)")
-    # Right: overall held-out accuracy over steps, mean over seeds with the min-max band.
+    # Right: overall held-out accuracy against rollouts spent (probes included), mean over seeds with the min-max
+    # band, so that arms that spend rollouts differently compare at equal cost.
     for arm in arms:
-        curves = [dict(s["curve"]) for s in by_arm[arm]]
-        steps = sorted(set.intersection(*(set(c) for c in curves)))
-        vals = np.array([[c[t] for t in steps] for c in curves])
-        ax_curve.plot(steps, vals.mean(0), marker="o", markersize=3, color=f"C{arm_order.index(arm)}", label=arm)
+        curves = [s["rollout_curve"] for s in by_arm[arm]]
+        n = min(len(c) for c in curves)
+        xs = np.array([[p[0] for p in c[:n]] for c in curves]).mean(0)
+        vals = np.array([[p[1] for p in c[:n]] for c in curves])
+        ax_curve.plot(xs, vals.mean(0), marker="o", markersize=3, color=f"C{arm_order.index(arm) % 10}", label=arm)
         if len(curves) > 1:
-            ax_curve.fill_between(steps, vals.min(0), vals.max(0), color=f"C{arm_order.index(arm)}", alpha=0.15)
+            ax_curve.fill_between(xs, vals.min(0), vals.max(0), color=f"C{arm_order.index(arm) % 10}", alpha=0.15)
     # Arms whose runs stopped early: their curves up to the last evaluation every seed reached, dashed, so that what
     # they learned before starving is visible next to the arms that went the distance.
     for arm in [a for a in arm_order if a not in by_arm]:
-        curves = [dict(curve(metric_rows(rec["run_dir"]), math.nan)) for rec in stopped
-                  if rec["arm"] == arm and rec.get("run_dir")]
-        curves = [{t: v for t, v in c.items() if t > 0} for c in curves]
-        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-        if steps:
-            start = next(iter(by_arm.values()))[0]["start"]["accuracy"] if by_arm else math.nan
-            vals = np.array([[c[t] for t in steps] for c in curves]).mean(0)
-            ax_curve.plot([0, *steps], [start, *vals], linestyle="--", marker="x", markersize=3,
-                          color=f"C{arm_order.index(arm)}", label=f"{arm} (stopped early)")
-    ax_curve.set_xlabel("learner step")
+        for i, rec in enumerate(r for r in stopped if r["arm"] == arm and r.get("run_dir")):
+            points = rollout_curve(metric_rows(rec["run_dir"]), {})[1:]
+            if points:
+                ax_curve.plot([p[0] for p in points], [p[1] for p in points], linestyle="--", marker="x",
+                              markersize=3, color=f"C{arm_order.index(arm) % 10}",
+                              label=f"{arm} (stopped early)" if i == 0 else None)
+    ax_curve.set_xlabel("rollouts (probes included)")
     ax_curve.set_ylabel("held-out accuracy (overall)")
     ax_curve.set_title("learning curves (mean over seeds, band: min–max)")
     ax_curve.legend(fontsize=8)
@@ -489,12 +611,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retry-failed", action="store_true", help="run again the runs that stopped early before")
     p.add_argument("--quiet", action="store_true", help="silence the per-run driver output")
     p.add_argument("--name", default="experiment", help="report file names: <out>/<name>.md, .json and .png")
+    p.add_argument("--sweep", default=None, help="KEY=V1,V2,...: run every arm at each value (one cell each)")
+    p.add_argument("--jobs", type=int, default=1, help="inline runs side by side, each in its own process")
     p.add_argument("overrides", nargs="*", help="dotted config overrides applied to every arm, e.g. solver.beta=0.1")
     args = p.parse_args(argv)
     args.arm_list = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in args.arm_list if a not in ARMS]
     if unknown:
         p.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    if args.sweep:
+        key, _, values = args.sweep.partition("=")
+        if not key or not values:
+            p.error(f"--sweep looks like KEY=V1,V2, got {args.sweep!r}")
+        args.arm_list = [f"{arm} {key}={v.strip()}" for v in values.split(",") for arm in args.arm_list]
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
     args.config = args.config.resolve()
     if args.rollouts < 0:

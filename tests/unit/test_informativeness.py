@@ -21,6 +21,7 @@ EXPECTED = {
     "inv_reward_mean": 1.0 / (2.0 + 1e-3),
     "inv_a_min": 1.0 / (4.0 + 1e-3),
     "uniform": 1.0,
+    "learnability": 0.0,  # mean 2 is clipped to a success rate of 1
 }
 
 
@@ -124,6 +125,7 @@ def _reference(row: list[float], metric: str, eps: float) -> float:
         "inv_reward_mean": 1.0 / (max(mean, 0.0) + eps),
         "inv_a_min": 1.0 / (r[-1] - r[0] + eps),
         "uniform": 1.0,
+        "learnability": min(max(mean, 0.0), 1.0) * (1.0 - min(max(mean, 0.0), 1.0)),
     }[metric]
 
 
