@@ -246,6 +246,16 @@ class World(ABC):
         return cls.rewards[mode]
 
 
+def exact_answer_reward(prompt: PromptRecord, response: Any) -> float:
+    """1.0 when the response (surrounding whitespace stripped) is the task's answer (``meta["answer"]``), else 0.0:
+    the reward of any world whose tasks have one answer. Never raises for a response; a prompt without an answer
+    raises ValueError (a wiring error the reward actor counts, not a made-up 0)."""
+    meta = prompt.meta or {}
+    if meta.get("answer") is None:
+        raise ValueError(f"prompt {prompt.id!r} carries no answer in its meta")
+    return 1.0 if isinstance(response, str) and response.strip() == str(meta["answer"]) else 0.0
+
+
 WORLDS: dict[str, type[World]] = {}
 """The registry: ``world.name`` -> its class. A dict, so a world registered later (a plug-in, a test) is a valid
 config choice at once."""

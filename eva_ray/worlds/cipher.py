@@ -47,16 +47,8 @@ def derangement(letters: int, seed: int) -> tuple[int, ...]:
             return tuple(int(v) for v in perm)
 
 
-def exact_reward(prompt: PromptRecord, response: Any) -> float:
-    """1.0 when the response (surrounding whitespace stripped) is the answer in ``meta["answer"]``, else 0.0.
-
-    Never raises for a response; a prompt without an answer raises ValueError (a wiring error the reward actor
-    counts, not a made-up 0).
-    """
-    meta = prompt.meta or {}
-    if meta.get("answer") is None:
-        raise ValueError(f"prompt {prompt.id!r} carries no cipher answer in its meta")
-    return 1.0 if isinstance(response, str) and response.strip() == str(meta["answer"]) else 0.0
+exact_reward = base.exact_answer_reward
+"""``world.reward: exact``: 1.0 for the exact answer, else 0.0."""
 
 
 @register_world
