@@ -123,6 +123,9 @@ class CreatorConfig:
     ratio_evol: float = knob(0.5, "Share of a mix-up minibatch drawn from the buffer (paper: 0.5).", ge=0, le=1)
     top_fraction: float = knob(0.5, "Share of each minibatch, most informative first, that gets evolved.",
                                gt=0, le=1)
+    bootstrap_refill: bool = knob(False, "Bootstrap: evolve up to n_new children per parent while the buffer holds "
+                                  "less than two minibatches after the pop, so rejected children cannot drain it "
+                                  "(not in the paper, whose bootstrap starves a small buffer).")
     metric: str = knob("a_avg", "Informativeness metric; the paper uses a_avg online and a_min offline.",
                        choices=METRICS)
     sampling: str = knob("sample", "How buffer prompts are drawn: weighted without replacement, or top-k.",

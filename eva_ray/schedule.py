@@ -17,7 +17,8 @@ were trained on are popped (mix-up, bootstrap) and the buffer evicts its oldest 
 Edge cases the paper leaves open, decided here: when D runs out in the middle of a minibatch, the rest is taken from
 the buffer; in mix-up, a buffer too small for its share (it can shrink when few children survive validation) is
 topped up from D; once the buffer has been full, warm-up never returns; when the buffer holds fewer prompts than a bootstrap minibatch needs, the plan is marked ``short`` and
-the creator waits (boundedly) for evolved prompts.
+the creator waits (boundedly) for evolved prompts. ``bootstrap_refill`` (off by default: not in the paper) raises the
+bootstrap children per parent, up to ``n_new``, while the buffer holds less than two minibatches after the pop.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class PhaseSettings:
     n_new_bootstrap: int = 2
     ratio_evol: float = 0.5
     top_fraction: float = 0.5
+    bootstrap_refill: bool = False
 
     @classmethod
     def from_config(cls, creator_cfg) -> PhaseSettings:
@@ -113,12 +115,20 @@ def plan_batch(state: RunState, settings: PhaseSettings) -> BatchPlan:
     n_buffer = min(batch - n_seed, state.buffer_size)
     n_seed = min(batch - n_buffer, seed_left)  # a buffer too small for its share is topped up from D
     size = n_seed + n_buffer
+    n_parents = n_parents_for(size, settings.top_fraction)
+    n_children = settings.n_new if phase != "bootstrap" else settings.n_new_bootstrap
+    if phase == "bootstrap" and settings.bootstrap_refill and n_parents:
+        # The paper's bootstrap pops batch_size entries and adds n_new_bootstrap children per parent: with top 50%
+        # and 2 children that only breaks even when no child is rejected, so any rejection drains the buffer until
+        # the run starves. Refill: enough children (up to n_new) to bring the buffer back to two minibatches.
+        deficit = 2 * batch - (state.buffer_size - n_buffer)
+        n_children = min(max(n_children, math.ceil(deficit / n_parents)), max(settings.n_new, n_children))
     return BatchPlan(
         phase=phase,
         n_seed=n_seed,
         n_buffer=n_buffer,
-        n_parents=n_parents_for(size, settings.top_fraction),
-        n_children=settings.n_new_bootstrap if phase == "bootstrap" else settings.n_new,
+        n_parents=n_parents,
+        n_children=n_children,
         short=size < batch,
     )
 

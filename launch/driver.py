@@ -61,6 +61,7 @@ from launch.metrics import MetricsLogger
 from launch.plots import write_plots
 from launch.probing import probe_children
 from launch.progress import Progress
+from launch.reference import comparison_line
 from launch.recovery import ActorLost, Restarts, WorkerRestarted, lost_line, resume_command as _resume_command
 from launch.signals import (Terminated, reset as reset_signals, restore_sigterm, stop_at_step_end, stop_on_sigterm,
                             terminated)
@@ -98,6 +99,8 @@ class RunSummary:
     """Every rollout generated so far, trained and spent probing (the creator's ``rollouts_total``)."""
     health: dict[str, Any] = field(default_factory=dict)
     """The creator's health over the last ``logging.health_window`` steps (see :mod:`eva_ray.health`)."""
+    reference: str | None = None
+    """This run next to the world's experiment arms at the same rollouts (:mod:`launch.reference`)."""
 
     def spent(self, cfg: Config) -> bool:
         """Whether the run's rollout budget (``run.total_rollouts``) is used up."""
@@ -451,6 +454,9 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
                 echo(f"eva-ray: could not draw the plots ({type(exc).__name__}: {exc})")
         restore_sigterm(previous_sigterm)
         set_call_timeout(None)
+    if cfg.world.name and "accuracy" in summary.eval and not summary.interrupted:
+        summary.reference = comparison_line(cfg.world.name, cfg.solver.beta, summary.rollouts,
+                                            summary.eval["accuracy"])
     for line in summary_lines(summary):
         echo(line)
     return summary
@@ -514,6 +520,8 @@ def summary_lines(summary: RunSummary) -> list[str]:
         lines.append(f"  policy moved {final['weight_change']:.4g} (L2) from its start; version "
                      f"{final.get('learner_version')}")
     lines.append(f"  outputs: {summary.run_dir}")
+    if summary.reference:
+        lines.append(summary.reference)
     return lines
 
 

@@ -14,6 +14,8 @@ n_responses, so arms differ only in how the creator picks and evolves prompts:
   uniform_all  no creator, fresh prompts at every level in the world's own mix (an oracle that knows the
            difficulty scale; D is made large enough never to repeat)
   a_min, variance, learnability  eva with creator.metric a_min, reward_var, or p(1-p) (SFL's learnability)
+  eva_reuse  eva with D re-used (creator.seed_epochs=100): it never enters bootstrap
+  eva_refill  eva whose bootstrap refills the buffer (creator.bootstrap_refill=true)
   staleness  eva with a PLR-style staleness term in buffer sampling (creator.staleness_coef=0.3), a remedy for a
            buffer that stops replaying what it no longer scores
 
@@ -74,6 +76,12 @@ ARMS: dict[str, list[str]] = {
     "variance": ["creator.metric=reward_var"],
     "learnability": ["creator.metric=learnability"],
     "staleness": ["creator.staleness_coef=0.3"],
+    # D re-used as static does (it is never exhausted), so the creator stays in mix-up: half of every batch from the
+    # buffer, half from D, as the pilot's creator mixed them. Under the paper's bootstrap (D used once) a small D is
+    # gone in a few steps and the buffer, popped faster than rejected children refill it, empties.
+    "eva_reuse": ["creator.seed_epochs=100"],
+    # The paper's bootstrap with a refill: children per parent rise (up to n_new) while the buffer runs low.
+    "eva_refill": ["creator.bootstrap_refill=true"],
 }
 DEFAULT_ARMS = ("eva", "static", "uniform", "greedy", "inverse")  # probe is asked for by name (--arms)
 INDEX = "index.json"

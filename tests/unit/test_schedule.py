@@ -88,3 +88,17 @@ def test_schedule_invariants(batch, capacity, n_new, n_boot, ratio, top, seed_si
     counts = Counter(p.phase for p in plans)
     if counts["bootstrap"]:
         assert sum(p.n_seed for p in plans) == seed_size  # bootstrap only once D is used up
+
+
+def test_bootstrap_refill_raises_children_only_while_the_buffer_is_low():
+    paper = PhaseSettings(batch_size=32, capacity=256, n_new=4, n_new_bootstrap=2)
+    refill = PhaseSettings(batch_size=32, capacity=256, n_new=4, n_new_bootstrap=2, bootstrap_refill=True)
+    low = RunState(step=50, buffer_size=40, seed_remaining=0, warmed_up=True)
+    full = RunState(step=50, buffer_size=200, seed_remaining=0, warmed_up=True)
+    assert plan_batch(low, paper).n_children == 2
+    # after popping 32 of 40, 8 remain: 56 more to reach two minibatches over 16 parents -> 4 (capped at n_new)
+    assert plan_batch(low, refill).n_children == 4 and plan_batch(low, refill).n_parents == 16
+    assert plan_batch(RunState(50, 60, 0, True), refill).n_children == 3  # 28 left, 36 missing -> ceil(36/16)
+    assert plan_batch(full, refill).n_children == 2  # plenty left: the paper's count
+    mixup = RunState(step=5, buffer_size=256, seed_remaining=100, warmed_up=True)
+    assert plan_batch(mixup, refill).n_children == plan_batch(mixup, paper).n_children == 4
