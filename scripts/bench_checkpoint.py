@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="launch/default_run.yaml")
+    parser.add_argument("--config", default="configs/chain_sum.yaml")
     parser.add_argument("--out", default="/tmp/eva-ray-ckpt-bench")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("overrides", nargs="*")

@@ -17,7 +17,7 @@ from launch.driver import load_prompts
 
 
 def world_cfg(*extra):
-    return load_config("launch/default_run.yaml", ["world.seed_size=40", "creator.capacity=12",
+    return load_config("configs/chain_sum.yaml", ["world.seed_size=40", "creator.capacity=12",
                                                    "creator.batch_size=4", "creator.n_new=2", *extra])
 
 

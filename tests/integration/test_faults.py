@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def config(tmp_path: Path, *extra: str):
-    return load_config(str(REPO / "launch/default_run.yaml"), [
+    return load_config(str(REPO / "configs/chain_sum.yaml"), [
         f"run.output_dir={tmp_path}", "run.total_steps=8", "world.seed_size=40", "world.eval_per_level=0",
         "creator.capacity=24", "creator.snapshot_every=2", "learner.checkpoint_every=2", "logging.progress=false",
         "logging.wandb_mode=disabled", "solver.skip_zero_advantage=false", "resources.rollout.num_cpus=0.25",

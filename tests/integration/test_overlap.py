@@ -161,7 +161,7 @@ def test_the_staleness_bound_still_raises_in_the_overlapped_loop(tmp_path, monke
 def test_overlap_on_needs_a_staleness_bound_that_allows_it():
     from eva_ray.config import ConfigError
 
-    default = Path(__file__).resolve().parents[2] / "launch" / "default_run.yaml"
+    default = Path(__file__).resolve().parents[2] / "configs" / "chain_sum.yaml"
     with pytest.raises(ConfigError, match="run.overlap"):
         load_config(default, ["run.overlap=on", "learner.max_staleness=0"])
     with pytest.raises(ConfigError, match="off_policy_correction"):
@@ -171,7 +171,7 @@ def test_overlap_on_needs_a_staleness_bound_that_allows_it():
 def test_auto_is_on_under_ray_off_inline_and_brings_tis():
     from launch.driver import with_resolved_overlap
 
-    default = Path(__file__).resolve().parents[2] / "launch" / "default_run.yaml"
+    default = Path(__file__).resolve().parents[2] / "configs" / "chain_sum.yaml"
     cfg = load_config(default)
     on, off = with_resolved_overlap(cfg, inline=False), with_resolved_overlap(cfg, inline=True)
     assert (on.run.overlap, on.learner.off_policy_correction) == ("on", "tis")

@@ -63,6 +63,7 @@ def test_run_refuses_a_gpu_config_that_does_not_fit_before_starting_anything():
 
 def test_run_skips_the_plan_on_cpu_only_configs():
     # The CPU configs ask for no GPUs: nothing is planned, not even the model shapes are read.
-    for config in ("configs/tiny.yaml", "launch/default_run.yaml", "configs/smollm2-mtbench.yaml"):
+    for config in ("configs/tiny.yaml", "launch/default_run.yaml", "configs/chain_sum.yaml",
+                   "configs/smollm2-mtbench.yaml"):
         assert _check_plan_before_run(load_config(ROOT / config, ["model.path=org/no-shape-anywhere"])) == 0
     assert _check_plan_before_run(load_config(ROOT / RLOO, ONE_RANK)) == 1

@@ -10,7 +10,7 @@ from launch.probing import probe_children
 
 
 def _system(tmp_path, *extra):
-    cfg = load_config("launch/default_run.yaml", [
+    cfg = load_config("configs/chain_sum.yaml", [
         f"run.output_dir={tmp_path}", "world.seed_size=24", "world.level_mix=[0, 0.5, 0.5, 0, 0]",
         "world.eval_per_level=0", "creator.batch_size=4", "creator.capacity=32", "solver.n_responses=4",
         "creator.probe_responses=3", *extra])
@@ -25,7 +25,7 @@ class _NoCalls:
 
 
 def test_inherit_makes_no_calls():
-    cfg = load_config("launch/default_run.yaml")
+    cfg = load_config("configs/chain_sum.yaml")
     assert cfg.creator.child_scoring == "inherit"
     assert probe_children(cfg, _NoCalls(), 1) == {}
 
@@ -71,7 +71,7 @@ def test_a_rollout_budget_ends_the_run_at_the_step_that_spends_it(tmp_path, monk
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     budget = 150
-    cfg = load_config("launch/default_run.yaml", [
+    cfg = load_config("configs/chain_sum.yaml", [
         f"run.output_dir={tmp_path}", "world.seed_size=24", "world.level_mix=[0, 0.5, 0.5, 0, 0]",
         "world.eval_per_level=0", "creator.batch_size=4", "creator.capacity=32", "solver.n_responses=4",
         "creator.probe_responses=3", "creator.child_scoring=probe", "run.total_steps=40",

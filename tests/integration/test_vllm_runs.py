@@ -37,8 +37,8 @@ def test_the_tiny_config_runs_end_to_end_on_vllm(tmp_path, run_env, check_run):
 
 
 def test_the_default_run_completes_on_vllm(tmp_path, run_env):
-    code = main(["run", f"run.output_dir={tmp_path}", "rollout.backend=vllm", "rollout.kv_cache_bytes=33554432",
-                 "run.total_steps=30", "world.seed_size=120", "world.eval_per_level=20", "creator.capacity=48",
+    code = main(["run", "--config", "configs/chain_sum.yaml", f"run.output_dir={tmp_path}", "rollout.backend=vllm",
+                 "rollout.kv_cache_bytes=33554432", "run.total_steps=30", "world.seed_size=120", "world.eval_per_level=20", "creator.capacity=48",
                  "logging.eval_every=15", "logging.progress=false"])
     assert code == 0
     (run_dir,) = tmp_path.iterdir()

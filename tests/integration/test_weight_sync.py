@@ -221,7 +221,7 @@ def solver_config(tmp_path, backend: str, *extra: str):
                  "logging.progress=false", *extra]
     if backend == "vllm":
         overrides.append("rollout.kv_cache_bytes=33554432")
-    return load_config(str(REPO / "launch/default_run.yaml"), overrides)
+    return load_config(str(REPO / "configs/chain_sum.yaml"), overrides)
 
 
 @pytest.mark.slow

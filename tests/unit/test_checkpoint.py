@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def tree(*overrides: str) -> dict:
-    return to_dict(load_config(REPO / "launch/default_run.yaml", list(overrides)))
+    return to_dict(load_config(REPO / "configs/chain_sum.yaml", list(overrides)))
 
 
 def test_only_total_steps_timeouts_and_logging_may_change_on_resume():
