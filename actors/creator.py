@@ -184,6 +184,7 @@ class Creator:
         self.warmed_up = False
 
         ev = cfg.evolve
+        self.steer = ev.method == "curriculum" and ev.steer_by_success
         if ev.method == "curriculum":
             # Task expressions differ by a sign or a digit ("57-87=" vs "57+87="): only exact repeats are duplicates.
             self.validator = ExactTextValidator()
@@ -203,7 +204,7 @@ class Creator:
             # A procedural world evolves by moving tasks along its difficulty knobs: no LLM involved.
             self.evolver = CurriculumEvolver(world=world_of(cfg), operators=ev.operators,
                                              weights=ev.operator_weights, validator=self.validator,
-                                             rng_seed=cfg.run.seed + 1)
+                                             rng_seed=cfg.run.seed + 1, steer=ev.steer_by_success)
         else:
             if complete is None:
                 if ev.local_model_path:
@@ -298,10 +299,13 @@ class Creator:
             raise ValueError(f"step {step}: {len(rewards)} reward rows for {len(batch.prompts)} prompts")
         info = score_prompts(rewards, self.creator_cfg.metric, inverse_eps=self.creator_cfg.inverse_eps)
         self.probe_counts["rollouts_trained"] += sum(len(row) for row in rewards)
-        for record, score in zip(batch.prompts, info.scores):
+        for record, score, row in zip(batch.prompts, info.scores, rewards):
             record.times_trained += 1
             if np.isfinite(score):
                 record.info, record.info_measured = float(score), True
+            if self.steer:  # the curriculum evolver steers a parent by how often the solver solved it
+                finite = [float(r) for r in row if np.isfinite(r)]
+                record.meta["success_rate"] = float(np.mean(finite)) if finite else None
 
         # Trained buffer entries always leave the buffer (the paper's "pop the trained ones"), so their scores are
         # kept on the records, which live on as parents and in the lineage, not written back into the buffer.

@@ -159,6 +159,10 @@ class EvolveConfig:
                                        "style's operators (llm), or harder/sibling/easier (curriculum).")
     operator_weights: list[float] | None = knob(None, "Curriculum only: how often each of evolve.operators is "
                                                 "drawn (aligned with it); unset: uniform (llm) or 0.4/0.4/0.2.")
+    steer_by_success: bool = knob(False, "Curriculum only: a parent the solver never solved in its last batch gets "
+                                  "easier children, one it always solved harder ones; the others draw from the "
+                                  "operator mix. Without it, a batch with no reward spread at all evolves its (tied) "
+                                  "top half with the mix, which drifts harder.")
     model: str = knob("", "LiteLLM model string of the evolve LLM, e.g. gemini/gemini-1.5-pro.")
     api_base: str | None = knob(None, "Base URL of the evolve LLM's API, when not the provider's default.")
     api_key_env: str | None = knob(None, "Name of the environment variable that holds the API key (never the key).")

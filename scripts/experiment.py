@@ -16,6 +16,8 @@ n_responses, so arms differ only in how the creator picks and evolves prompts:
   a_min, variance, learnability  eva with creator.metric a_min, reward_var, or p(1-p) (SFL's learnability)
   eva_reuse  eva with D re-used (creator.seed_epochs=100): it never enters bootstrap
   eva_refill  eva whose bootstrap refills the buffer (creator.bootstrap_refill=true)
+  eva_steer  eva_refill whose curriculum steers never-solved parents easier and always-solved ones harder
+           (evolve.steer_by_success=true): the default run's creator
   staleness  eva with a PLR-style staleness term in buffer sampling (creator.staleness_coef=0.3), a remedy for a
            buffer that stops replaying what it no longer scores
 
@@ -82,6 +84,9 @@ ARMS: dict[str, list[str]] = {
     "eva_reuse": ["creator.seed_epochs=100"],
     # The paper's bootstrap with a refill: children per parent rise (up to n_new) while the buffer runs low.
     "eva_refill": ["creator.bootstrap_refill=true"],
+    # The creator the default run uses: refill, and parents never solved get easier children (always solved:
+    # harder), so a batch without any reward spread walks towards prompts the solver can solve.
+    "eva_steer": ["creator.bootstrap_refill=true", "evolve.steer_by_success=true"],
 }
 DEFAULT_ARMS = ("eva", "static", "uniform", "greedy", "inverse")  # probe is asked for by name (--arms)
 INDEX = "index.json"
@@ -597,6 +602,33 @@ def write_plot(path: Path, by_arm: dict[str, list[dict]], arm_order: list[str], 
     plt.close(fig)
 
 
+def write_headline_plot(path: Path, by_arm: dict[str, list[dict]], cells: list[str], title: str) -> None:
+    """Held-out accuracy against rollouts for a few cells (the README's picture): mean over seeds, min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, cell in enumerate(c for c in cells if c in by_arm):
+        curves = [s["rollout_curve"] for s in by_arm[cell]]
+        n = min(len(c) for c in curves)
+        xs = np.array([[p[0] for p in c[:n]] for c in curves]).mean(0)
+        vals = np.array([[p[1] for p in c[:n]] for c in curves])
+        ax.plot(xs, vals.mean(0), marker="o", markersize=3, color=f"C{i}",
+                label=f"{cell.split(' ')[0]} ({len(curves)} seeds)")
+        ax.fill_between(xs, vals.min(0), vals.max(0), color=f"C{i}", alpha=0.15)
+    ax.set_xlabel("rollouts")
+    ax.set_ylabel("held-out accuracy (greedy, all levels)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------------------------------------------- cli
 
 
@@ -621,6 +653,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="experiment", help="report file names: <out>/<name>.md, .json and .png")
     p.add_argument("--sweep", default=None, help="KEY=V1,V2,...: run every arm at each value (one cell each)")
     p.add_argument("--jobs", type=int, default=1, help="inline runs side by side, each in its own process")
+    p.add_argument("--headline", default=None, help="CELL,CELL,...: also draw <out>/<name>-headline.png, accuracy "
+                   "against rollouts for just these cells (mean and min-max over seeds)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides applied to every arm, e.g. solver.beta=0.1")
     args = p.parse_args(argv)
     args.arm_list = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -662,6 +696,9 @@ def main(argv: list[str] | None = None) -> int:
     write_markdown(out / f"{args.name}.md", by_arm, args, command, failed)
     write_json(out / f"{args.name}.json", by_arm, args, command, failed)
     write_plot(out / f"{args.name}.png", by_arm, args.arm_list, failed)
+    if args.headline:
+        write_headline_plot(out / f"{args.name}-headline.png", by_arm, args.headline.split(","),
+                            f"{world_name(args.config)} world: held-out accuracy against rollouts")
     print((out / f"{args.name}.md").read_text(), flush=True)
     return 1 if failed else 0
 

@@ -48,7 +48,7 @@ from eva_ray.evolve.validate import (
 )
 from eva_ray.records import PromptRecord, make_child
 from eva_ray.worlds import World, make_world
-from eva_ray.worlds.base import AT_MAX_DIFFICULTY, AT_MIN_DIFFICULTY
+from eva_ray.worlds.base import AT_MAX_DIFFICULTY, AT_MIN_DIFFICULTY, EASIER, HARDER
 from eva_ray.worlds.chain_sum import AT_MAX_TERMS
 
 DEFAULT_WEIGHTS: dict[str, float] = {"harder": 0.4, "sibling": 0.4, "easier": 0.2}
@@ -131,7 +131,8 @@ class CurriculumEvolver:
     ``operators`` / ``weights``: which of the world's moves and how often (a list plus aligned weights, or a
     ``{name: weight}`` mapping; default :data:`DEFAULT_WEIGHTS`). Difficulty stays within ``[min_difficulty,
     max_difficulty]`` (default the world's levels). ``max_tries``: fresh draws per attempt before a duplicate is
-    counted as a rejection.
+    counted as a rejection. ``steer``: a parent whose ``meta["success_rate"]`` (set by the creator) is 0 gets only
+    ``easier`` children and one at 1 only ``harder`` ones (when the world has those moves); the rest draw as usual.
     """
 
     method = "curriculum"
@@ -139,8 +140,9 @@ class CurriculumEvolver:
     def __init__(self, *, world: str | World = "chain_sum", operators: Sequence[str] | None = None,
                  weights: Sequence[float] | Mapping[str, float] | None = None,
                  validator: EvolveValidator | None = None, rng_seed: int = 0, min_difficulty: int | None = None,
-                 max_difficulty: int | None = None, max_tries: int = 4) -> None:
+                 max_difficulty: int | None = None, max_tries: int = 4, steer: bool = False) -> None:
         self.world = make_world(world) if isinstance(world, str) else world
+        self.steer = steer
         self.operators, self.probs = _weights(operators, weights, self.world.moves)
         self.validator = validator if validator is not None else ExactTextValidator()
         self.rng = np.random.default_rng(rng_seed)
@@ -193,6 +195,15 @@ class CurriculumEvolver:
         meta = task.meta() | {"evolve_method": self.method} | {f"parent_{k}": v for k, v in knobs.items()}
         return make_child(parent, task.text, operator=operator, step=step, index=index, meta=meta)
 
+    def _steered(self, parent: PromptRecord) -> str | None:
+        """The one operator for a parent the solver never (easier) or always (harder) solved, under ``steer``."""
+        rate = (parent.meta or {}).get("success_rate") if self.steer else None
+        if rate == 0.0 and EASIER in self.world.moves:
+            return EASIER
+        if rate == 1.0 and HARDER in self.world.moves:
+            return HARDER
+        return None
+
     def evolve_now(self, parents: Sequence[PromptRecord], n_children: int, *, step: int) -> EvolveBatch:
         """:meth:`evolve` without an event loop (the work is a few microseconds of generator calls per child)."""
         if n_children < 0:
@@ -200,8 +211,12 @@ class CurriculumEvolver:
         jobs: list[tuple[PromptRecord, str, int]] = []
         next_index: Counter[str] = Counter()
         for parent in parents:  # all operators first, in parent order (as the LLM evolver does)
-            for i in self.rng.choice(len(self.operators), size=n_children, p=self.probs):
-                jobs.append((parent, self.operators[int(i)], next_index[parent.id]))
+            steered = self._steered(parent)
+            ops = ([steered] * n_children if steered else
+                   [self.operators[int(i)] for i in self.rng.choice(len(self.operators), size=n_children,
+                                                                    p=self.probs)])
+            for op in ops:
+                jobs.append((parent, op, next_index[parent.id]))
                 next_index[parent.id] += 1
         counts = EvolveCounts(requested=len(jobs))
         children, outcomes = [], []

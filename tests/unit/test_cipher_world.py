@@ -128,3 +128,18 @@ def test_sibling_is_a_fresh_prompt_at_the_same_level_and_the_ends_are_rejected()
     assert low.counts.rejected == {AT_MIN_DIFFICULTY: 2}
     with pytest.raises(ValueError, match="more_terms"):
         CurriculumEvolver(world=w, operators=["more_terms"])  # a chain_sum move, not the cipher's
+
+
+def test_steering_sends_never_solved_parents_easier_and_always_solved_ones_harder():
+    w = world()
+    never, always, some, unknown = (w.task("abcdef", {1, 2, 4}).record(i) for i in ("n", "a", "s", "u"))
+    never.meta["success_rate"], always.meta["success_rate"], some.meta["success_rate"] = 0.0, 1.0, 0.5
+    batch = evolve(CurriculumEvolver(world=w, steer=True, rng_seed=0), [never, always, some, unknown], 3)
+    ops = {}
+    for child in batch.children:
+        ops.setdefault(child.parent_id, set()).add(child.operator)
+    for outcome in batch.outcomes:  # rejected attempts (a repeated edit) name their operator too
+        ops.setdefault(outcome["parent_id"], set()).add(outcome["operator"])
+    assert ops["n"] == {"easier"} and ops["a"] == {"harder"}
+    off = evolve(CurriculumEvolver(world=w, rng_seed=0), [never], 12)
+    assert {c.operator for c in off.children} > {"easier"}  # without steering the mix decides
