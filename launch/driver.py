@@ -363,7 +363,8 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
             if (step + 1) % cfg.logging.log_every == 0 or last:
                 logger.log(step + 1, metrics)
             if cfg.creator.snapshot_every and (step + 1) % cfg.creator.snapshot_every == 0:
-                gather([system.creator.call("snapshot", str(run_dir / "buffer.json"))])
+                with writing("writing the buffer snapshot", run_dir / "buffer.json"):
+                    gather([system.creator.call("snapshot", str(run_dir / "buffer.json"))])
                 if not last:  # the table survives a crash; the run's end logs the last one below
                     logger.table(step + 1, "creator/evolved_prompts", table_columns,
                                  gather([system.creator.call("evolved_table")])[0])

@@ -16,6 +16,7 @@ from typing import Any
 
 from eva_ray.atomic import read_jsonl, write_text
 from eva_ray.metrics import HIST_TAG, is_histogram
+from launch.storage import writing
 
 STEP_KEY = "train/global_step"
 
@@ -108,11 +109,16 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         flat = flatten(metrics)
         flat[STEP_KEY] = step
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(_jsonable(flat)) + "\n")
-            self._jsonl.flush()
+        self._append(flat)
         if self._run is not None:
             self._run.log({k: self._to_wandb(v) for k, v in flat.items() if not self._empty(v)})
+
+    def _append(self, row: dict[str, Any]) -> None:
+        """One line, flushed at once: a crash or a full disk can cut only this line short (readers skip it)."""
+        if self._jsonl is not None:
+            with writing("appending to metrics.jsonl", self.jsonl_path):
+                self._jsonl.write(json.dumps(_jsonable(row)) + "\n")
+                self._jsonl.flush()
 
     @staticmethod
     def _empty(value: Any) -> bool:
@@ -127,9 +133,7 @@ class MetricsLogger:
 
     def table(self, step: int, name: str, columns: list[str], rows: list[list[Any]]) -> None:
         """A wandb table (e.g. sampled evolved prompts); the JSONL file gets the same rows."""
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(_jsonable({STEP_KEY: step, name: {"columns": columns, "rows": rows}})) + "\n")
-            self._jsonl.flush()
+        self._append({STEP_KEY: step, name: {"columns": columns, "rows": rows}})
         if self._run is not None and rows:
             self._run.log({name: self._wandb.Table(columns=columns, data=rows), STEP_KEY: step})
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from eva_ray.atomic import read_jsonl
 from eva_ray.config import load_config
 from launch.checkpoint import (CHECKPOINTS, MANIFEST, ResumeError, checkpoints, choose, damage, split_resume_path,
                                write_manifest)
@@ -126,3 +127,29 @@ def test_the_checkpoint_size_is_estimated_and_a_small_disk_warned_about(tmp_path
     huge = load_config(REPO / "launch/default_run.yaml", ["learner.checkpoint_every=10", "learner.keep_checkpoints=5"])
     line = space_warning(huge, tmp_path, 10**12, 1000)
     assert line.startswith(f"eva-ray: warning: {tmp_path} has ") and "keeps 5 while writing the next" in line
+
+
+def test_metrics_on_a_full_disk_stop_with_the_file_named_and_keep_every_complete_line(tmp_path):
+    from launch.metrics import MetricsLogger
+    from tests.disk import fill, small_disk
+
+    with small_disk(tmp_path / "disk", 1) as disk:
+        logger = MetricsLogger(disk, project="p", run_name="r", config={}, mode_setting="disabled")
+        fill(disk / "filler", 0.9)
+        with pytest.raises(OSError) as full:
+            for step in range(1, 100_000):
+                logger.log(step, {"train": {"loss": 0.5, "note": "x" * 200}})
+        line = stop_line(full.value, disk, None, "")
+        assert line.startswith(f"appending to metrics.jsonl failed at {disk / 'metrics.jsonl'}: [Errno 28] ")
+        try:
+            logger.close()
+        except OSError:
+            pass  # the buffered rest of the torn line cannot be written either
+        rows = read_jsonl(disk / "metrics.jsonl")
+        assert rows and [r["train/global_step"] for r in rows] == list(range(1, len(rows) + 1))
+        (disk / "filler").unlink()
+        resumed = MetricsLogger(disk, project="p", run_name="r", config={}, mode_setting="disabled",
+                                resume_step=len(rows))
+        assert resumed.torn_lines == rows.skipped
+        resumed.close()
+        assert read_jsonl(disk / "metrics.jsonl").skipped == 0
