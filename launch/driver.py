@@ -293,7 +293,7 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
              "dropped")
     set_call_timeout(cfg.run.call_timeout_s)  # every call the driver waits on: a hung actor is reported
     closing: Exception | None = None  # a write at the run's end that failed
-    storage_stop = False  # a write failed: nothing more goes to disk than the summary, and one line says so
+    storage_stop = False  # a write failed: its one line is the last thing the run says (no plots drawn)
     system = None
     evaluator = None
     restarts: Restarts | None = None

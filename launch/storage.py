@@ -72,10 +72,10 @@ def storage_fault(exc: BaseException) -> tuple[BaseException, str | None, str | 
             continue
         if current.errno in STORAGE_ERRNOS or (what is not None and current.errno is not None):
             return current, what, where
-    if what is not None:
-        for current in chain:
-            if isinstance(current, RuntimeError) and any(m in str(current) for m in WRITER_FAILURES):
-                return current, what, where
+    if what is not None:  # the innermost match: Ray's wrapper repeats the actor's whole traceback in its message
+        matches = [e for e in chain if isinstance(e, RuntimeError) and any(m in str(e) for m in WRITER_FAILURES)]
+        if matches:
+            return matches[-1], what, where
     return None
 
 

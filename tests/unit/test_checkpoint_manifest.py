@@ -104,7 +104,8 @@ def test_the_stop_line_says_what_where_free_space_last_checkpoint_and_resume(tmp
             try:
                 raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 10 vs 4")
             except RuntimeError as inner:
-                raise RuntimeError("learner.save_checkpoint failed") from inner
+                # As Ray wraps it: the actor's whole traceback, the writer's message included, in the outer one.
+                raise RuntimeError("ray::Learner.save_checkpoint() (pid=1)\n  File ...\n" + str(inner)) from inner
     except RuntimeError as exc:
         line = stop_line(exc, tmp_path, tmp_path / "checkpoints/step-00000020", "eva-ray run --resume R")
     assert line.startswith(f"writing the checkpoint of step 30 failed at {tmp_path / CHECKPOINTS}: RuntimeError: "
