@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +86,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _sha256s(paths: list[Path]) -> list[str]:
+    """The digests of ``paths``, several files at once: hashlib releases the GIL, and a ZeRO checkpoint is one file
+    per rank. Hashing reads the checkpoint once more (about 0.4 GB/s per core measured on a loaded 2-core machine)."""
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(paths)))) as pool:
+        return list(pool.map(_sha256, paths))
+
+
 def write_manifest(folder: Path, step: int) -> dict[str, Any]:
     """List every file under ``folder`` with its size and SHA-256 in ``manifest.json``: the last file written."""
-    files = {f.relative_to(folder).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    paths = [f for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST]
+    files = {f.relative_to(folder).as_posix(): {"bytes": f.stat().st_size, "sha256": digest}
+             for f, digest in zip(paths, _sha256s(paths))}
     manifest = {"format": MANIFEST_FORMAT, "version": 1, "step": step, "files": files}
     write_json(folder / MANIFEST, manifest, indent=1)
     return manifest
@@ -115,14 +124,15 @@ def damage(path: Path) -> str | None:
     for name in (DRIVER_STATE, CREATOR_STATE):
         if name not in files:
             return f"{MANIFEST} does not list {name}"
-    for name, want in files.items():
+    for name, want in files.items():  # sizes first: a truncated or emptied file needs no hashing
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
         size = f.stat().st_size
         if size != want["bytes"]:
             return f"{name} has {size} bytes, the manifest says {want['bytes']}"
-        if _sha256(f) != want["sha256"]:
+    for (name, want), digest in zip(files.items(), _sha256s([path / name for name in files])):
+        if digest != want["sha256"]:
             return f"{name} does not match its checksum"
     return None
 
