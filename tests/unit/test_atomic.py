@@ -68,3 +68,21 @@ def test_readers_of_append_only_logs_skip_a_torn_last_line_and_count_it(tmp_path
     assert [e["id"] for e in events] == ["a", "b"] and events.skipped == 1
     rows = read_jsonl(tmp_path / "lineage.jsonl")
     assert len(rows) == 2 and rows.skipped == 1
+
+
+def test_torch_save_cut_short_by_a_full_disk_gives_its_space_back_with_the_temp_folder(tmp_path):
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    with small_disk(tmp_path / "disk", 4) as disk, ThreadPoolExecutor(1) as actor:
+        free = shutil.disk_usage(disk).free
+        with pytest.raises(RuntimeError, match="unexpected pos|iostream|PytorchStreamWriter"):
+            with staged_dir(disk / "checkpoint") as tmp:
+                # As the learner writes it when it runs inline: in the actor's thread, its error passed on by a future.
+                actor.submit(torch.save, {"w": torch.zeros(2_000_000)}, tmp / "model_states.pt").result()
+        # The temp folder is gone and so is its space. (In a whole inline run the failed writer was still open
+        # through the error's frames and kept the unlinked file's blocks; test_storage_faults covers that case.)
+        assert list(disk.iterdir()) == []
+        assert shutil.disk_usage(disk).free >= free - 64 * 1024
