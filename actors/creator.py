@@ -42,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from eva_ray.buffer import GenerativeBuffer, _atomic_write_text
+from eva_ray.atomic import write_json
+from eva_ray.buffer import GenerativeBuffer
 from eva_ray.config import Config, EvolveConfig
 from eva_ray.evolve.curriculum import CurriculumEvolver, ExactTextValidator
 from eva_ray.worlds import world_of
@@ -630,7 +631,7 @@ class Creator:
 
     async def save(self, path: str) -> str:
         """Write :meth:`state_dict` to ``path`` as JSON, atomically (a crash mid-write keeps the previous file)."""
-        _atomic_write_text(Path(path), json.dumps(await self.state_dict()))
+        write_json(path, await self.state_dict())
         return path
 
     async def load(self, path: str, *, in_flight: str = "reissue") -> dict[str, int]:

@@ -844,8 +844,9 @@ class Learner:
         """
         if self._closed:
             raise RuntimeError("save_checkpoint on a closed learner")
-        import json
         from pathlib import Path
+
+        from eva_ray.atomic import write_json
 
         folder = Path(path)
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
@@ -855,9 +856,7 @@ class Learner:
         if rank0:
             state = {"version": self._version, "torch_rng": _b64(torch.get_rng_state()),
                      "cuda_rng": _b64(torch.cuda.get_rng_state()) if self.device.type == "cuda" else None}
-            tmp = folder / (_LEARNER_STATE + ".tmp")
-            tmp.write_text(json.dumps(state))
-            os.replace(tmp, folder / _LEARNER_STATE)
+            write_json(folder / _LEARNER_STATE, state)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # no rank reports the checkpoint written before rank 0's state is there
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if rank0 else 0

@@ -35,7 +35,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from eva_ray.atomic import write_text
 from eva_ray.records import PromptRecord
 from eva_ray.sampling import clean_weights, select_indices
 
@@ -348,7 +348,7 @@ class GenerativeBuffer:
             text = json.dumps(payload, allow_nan=False)
         except (TypeError, ValueError) as err:
             raise ValueError(f"buffer snapshot {path}: a record is not JSON-serialisable ({err})") from err
-        _atomic_write_text(Path(path), text)
+        write_text(path, text)
 
     @classmethod
     def restore(cls, path: str | os.PathLike[str]) -> GenerativeBuffer:
@@ -494,28 +494,3 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     """``x [n]`` (non-negative) scaled to sum to 1, or uniform when it sums to 0 (nothing to prefer)."""
     total = x.sum()
     return x / total if total > 0 else np.full(x.size, 1.0 / max(x.size, 1))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory, fsync and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable; some filesystems do not support fsync on a directory, which is harmless.
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)

@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from eva_ray.atomic import JsonlRows, read_jsonl
+
 LINEAGE_FILE = "lineage.jsonl"
 
 
@@ -73,12 +75,7 @@ class LineageLog:
             self._fh = None
 
 
-def read_lineage(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The events of a lineage log, in order; a last line cut short by a crash is skipped."""
-    events = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events
+def read_lineage(path: str | os.PathLike[str]) -> JsonlRows:
+    """The events of a lineage log, in order; a last line cut short by a crash is skipped and counted in
+    ``.skipped``."""
+    return read_jsonl(path)

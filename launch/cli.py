@@ -5,6 +5,7 @@
                                                                     # cluster of `ray job submit`)
     eva-ray run --config configs/tiny.yaml --inline                 # the same without Ray
     eva-ray run --resume runs/tiny-20260101-120000                  # continue a run from its last checkpoint
+    eva-ray run --resume runs/tiny-20260101-120000/checkpoints/step-00000100   # ... or from a chosen one
     eva-ray config --config configs/tiny.yaml creator.capacity=64   # print the resolved, validated config
     eva-ray config --reference > docs/config.md                     # every knob with its default and meaning
     eva-ray plan --config F [--nodes N --gpus-per-node G --gpu-memory-gb M]   # where every actor goes, and
@@ -45,6 +46,11 @@ def _plan_command(args: argparse.Namespace) -> int:
     except PlanError as exc:
         print(f"eva-ray: plan does not fit: {exc}", file=sys.stderr)
         return 1
+    from launch.storage import checkpoint_line
+
+    size = checkpoint_line(cfg)
+    if size:
+        plan.notes.append(size)
     print(format_plan(plan))
     if not plan.fits:
         print(f"eva-ray: plan does not fit: {plan.error_line()}", file=sys.stderr)
@@ -71,7 +77,9 @@ DEFAULT_RUN = Path(__file__).with_name("default_run.yaml")
 
 def _run_command(args: argparse.Namespace) -> int:
     if args.resume:  # the run's own config, unless another is named (it must then agree, see launch/checkpoint.py)
-        cfg = load_config(args.config or Path(args.resume) / "config.yaml", args.overrides)
+        from launch.checkpoint import split_resume_path
+
+        cfg = load_config(args.config or split_resume_path(args.resume)[0] / "config.yaml", args.overrides)
     else:
         cfg = load_config(args.config or DEFAULT_RUN, args.overrides)
     if not args.inline and _check_plan_before_run(cfg):
@@ -85,7 +93,8 @@ def _run_command(args: argparse.Namespace) -> int:
     from launch.cluster import ClusterError
     from launch.driver import StalePolicyError, run
     from launch.handles import ActorTimeout
-    from launch.recovery import ActorLost
+    from launch.recovery import ActorLost, resume_command
+    from launch.storage import StorageError, stop_line
 
     try:
         summary = run(cfg, inline=args.inline, resume=args.resume)
@@ -93,9 +102,15 @@ def _run_command(args: argparse.Namespace) -> int:
         print(f"eva-ray: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     except (ClusterError, CreatorStarved, EvolveLLMError, StalePolicyError, ActorLost, ActorTimeout,
-            WeightSyncError) as exc:
+            WeightSyncError, StorageError) as exc:
         # Known ways a run can stop: one clear line; the run directory already holds what was written.
         print(f"eva-ray: run stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a write before the run's actors started (its config, metrics.jsonl)
+        line = stop_line(exc, cfg.run.output_dir, None, resume_command(args.resume) if args.resume else "")
+        if line is None:
+            raise
+        print(f"eva-ray: run stopped: StorageError: {line}", file=sys.stderr)
         return 1
     if summary.interrupted:
         return signals.EXIT_CODE if signals.terminated() else 130
@@ -114,9 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument("--config", help="YAML config file (default: the chain_sum proving ground, "
                                      "launch/default_run.yaml)")
     go.add_argument("--inline", action="store_true", help="run every actor in this process, without Ray")
-    go.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint (its own "
-                                                        "config; only run.total_steps, run.call_timeout_s and "
-                                                        "logging.* may be overridden)")
+    go.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest intact checkpoint, or "
+                                                        "from the checkpoint folder RUN_DIR/checkpoints/step-N "
+                                                        "(its own config; only run.total_steps, run.call_timeout_s "
+                                                        "and logging.* may be overridden)")
     go.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides")
     go.set_defaults(handler=_run_command)
     plan = commands.add_parser("plan", help="place every actor and check each GPU's memory, without starting any")

@@ -18,6 +18,7 @@ from actors.creator import Creator
 from actors.learner import Learner
 from actors.reward import RewardActor
 from actors.rollout import RolloutWorker
+from eva_ray.atomic import staged_dir
 from eva_ray.config import Config
 from eva_ray.records import PromptRecord
 from launch import weight_sync
@@ -128,7 +129,11 @@ class System:
 
         still_running = ask(self.creator, "drain", 30.0)
         ask(self.creator, "snapshot", str(run_dir / "buffer.json"))
-        ask(self.learner, "save", str(run_dir / "policy"))
+        try:  # the policy folder is replaced only once complete: a full disk keeps the previous one
+            with staged_dir(run_dir / "policy") as staging:
+                gather([self.learner.call("save", str(staging))])
+        except Exception as exc:  # noqa: BLE001 - recorded like the other steps
+            errors.append(f"{self.learner.name}.save: {type(exc).__name__}: {str(exc).strip()[:300]}")
         stats = ask(self.creator, "stats", default={"buffer": {}, "creator": {}})
         records = ask(self.creator, "buffer_records", default=[])
         final = {

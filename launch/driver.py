@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from eva_ray.atomic import write_json, write_text
 from eva_ray.batching import collate
 from eva_ray.config import Config, from_dict, read_yaml, to_dict, to_yaml
 from eva_ray.data import load_seed_prompts, split_seed_set
@@ -63,6 +64,7 @@ from launch.probing import probe_children
 from launch.progress import Progress
 from launch.reference import comparison_line
 from launch.recovery import ActorLost, Restarts, WorkerRestarted, lost_line, resume_command as _resume_command
+from launch.storage import StorageError, model_params, space_warning, stop_line, writing
 from launch.signals import (Terminated, reset as reset_signals, restore_sigterm, stop_at_step_end, stop_on_sigterm,
                             terminated)
 
@@ -107,7 +109,8 @@ class RunSummary:
         return bool(cfg.run.total_rollouts) and self.rollouts >= cfg.run.total_rollouts
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps(self.__dict__, indent=2, default=str))
+        with writing("writing the run's summary", path):
+            write_json(path, self.__dict__, indent=2, default=str)
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -290,14 +293,18 @@ def may_prefetch(cfg: Config, step: int) -> bool:
     return step < cfg.run.total_steps and not (every and step % every == 0) and not terminated()
 
 
-def _resume_point(cfg: Config, resume: str | Path) -> tuple[Path, Path, dict[str, Any]]:
-    """(run directory, its last checkpoint, the driver's state there); the config must equal the saved one."""
-    run_dir = Path(resume)
+def _resume_point(cfg: Config, resume: str | Path) -> tuple[Path, Path, dict[str, Any], list[str]]:
+    """(run directory, the checkpoint to resume from, the driver's state there, what was skipped on the way).
+
+    ``resume`` is a run directory (its newest intact checkpoint) or one of its checkpoint folders. The config must
+    equal the saved one.
+    """
+    run_dir, wanted = checkpoint.split_resume_path(resume)
     if not (run_dir / "config.yaml").is_file():
         raise checkpoint.ResumeError(f"{run_dir} is not a run directory (no config.yaml)")
     saved = to_dict(from_dict(read_yaml(run_dir / "config.yaml")))
-    path = checkpoint.check_resumable(run_dir, saved, to_dict(cfg))
-    return run_dir, path, json.loads((path / checkpoint.DRIVER_STATE).read_text())
+    path, notes = checkpoint.check_resumable(run_dir, saved, to_dict(cfg), wanted)
+    return run_dir, path, json.loads((path / checkpoint.DRIVER_STATE).read_text()), notes
 
 
 def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | None = None) -> RunSummary:
@@ -310,12 +317,15 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
     saved: dict[str, Any] = {}
     ckpt_path: Path | None = None
     if resume is not None:
-        run_dir, ckpt_path, saved = _resume_point(cfg, resume)
+        run_dir, ckpt_path, saved, notes = _resume_point(cfg, resume)
+        for note in notes:
+            echo(note)
         echo(f"eva-ray: resuming {run_dir} from its checkpoint at step {saved['step']}")
     else:
         run_dir = make_run_dir(cfg)
         echo(f"eva-ray: run directory {run_dir}")
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    with writing("writing the run's config", run_dir / "config.yaml"):
+        write_text(run_dir / "config.yaml", to_yaml(cfg))
     echo(f"eva-ray: seed set {data_report}; {len(train)} for training, {len(held_out)} held out")
     summary = RunSummary(run_dir=str(run_dir))
     if saved:
@@ -324,7 +334,12 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
     logger = MetricsLogger(run_dir, project=cfg.logging.wandb_project, run_name=run_dir.name, config=to_dict(cfg),
                            mode_setting=cfg.logging.wandb_mode, jsonl=cfg.logging.jsonl,
                            resume_id=saved.get("wandb_id"), resume_step=saved.get("step"))
+    if logger.torn_lines:
+        echo(f"eva-ray: metrics.jsonl ended in {logger.torn_lines} line(s) cut short (a crash or a full disk); "
+             "dropped")
     set_call_timeout(cfg.run.call_timeout_s)  # every call the driver waits on: a hung actor is reported
+    closing: Exception | None = None  # a write at the run's end that failed
+    storage_stop = False  # a write failed: its one line is the last thing the run says (no plots drawn)
     system = None
     evaluator = None
     restarts: Restarts | None = None
@@ -346,6 +361,10 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
 
     try:
         system = start_system(cfg, train, run_dir, inline=inline, echo=echo)
+        warning = space_warning(cfg, run_dir, model_params(cfg.model.path), len(train),
+                                existing=min(len(checkpoint.checkpoints(run_dir)), cfg.learner.keep_checkpoints))
+        if warning:
+            echo(warning)
         stop_on_sigterm()  # again: ray.init installs a handler of its own, which would skip all that
         restarts = Restarts(system, max_restarts=cfg.resources.max_restarts, echo=echo,
                             ready_timeout_s=cfg.run.call_timeout_s)
@@ -393,7 +412,8 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
             if (step + 1) % cfg.logging.log_every == 0 or last:
                 logger.log(step + 1, metrics)
             if cfg.creator.snapshot_every and (step + 1) % cfg.creator.snapshot_every == 0:
-                gather([system.creator.call("snapshot", str(run_dir / "buffer.json"))])
+                with writing("writing the buffer snapshot", run_dir / "buffer.json"):
+                    gather([system.creator.call("snapshot", str(run_dir / "buffer.json"))])
                 if not last:  # the table survives a crash; the run's end logs the last one below
                     logger.table(step + 1, "creator/evolved_prompts", table_columns,
                                  gather([system.creator.call("evolved_table")])[0])
@@ -429,6 +449,13 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
             echo(f"eva-ray: the last checkpoint is step {last_checkpoint}; resume with: "
                  f"{_resume_command(run_dir)}")
     except Exception as exc:
+        line = stop_line(exc, run_dir, checkpoint.path_of(run_dir, last_checkpoint),
+                         _resume_command(run_dir))
+        if line is not None:
+            storage_stop = True
+            summary.error = f"StorageError: {line}"
+            set_call_timeout(min(_FINISH_TIMEOUT_S, cfg.run.call_timeout_s))
+            raise StorageError(line) from exc
         line = lost_line(exc, str(run_dir), last_checkpoint)
         if line is not None:
             summary.error = f"ActorLost: {line}"
@@ -440,13 +467,17 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
     finally:
         if system is not None:
             summary.final = system.finish(run_dir)
-            for problem in summary.final.get("finish_errors", []):
+            for problem in summary.final.get("finish_errors", []) if not storage_stop else []:
                 echo(f"eva-ray: could not finish one step: {problem}")
-        summary.write(run_dir / "summary.json")
-        logger.close(summary={"final": summary.final, "steps_done": summary.steps_done})
+        for close in (lambda: summary.write(run_dir / "summary.json"),  # atomic: a full disk keeps the last one
+                      lambda: logger.close(summary={"final": summary.final, "steps_done": summary.steps_done})):
+            try:
+                close()
+            except Exception as exc:  # noqa: BLE001 - after a storage stop its one line says it all
+                closing = closing or (None if storage_stop else exc)
         if system is not None:
             system.shutdown()
-        if summary.steps_done:
+        if summary.steps_done and not storage_stop:
             try:
                 plots = write_plots(run_dir)
                 echo(f"eva-ray: plots {', '.join(p.name for p in plots)}")
@@ -454,6 +485,12 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
                 echo(f"eva-ray: could not draw the plots ({type(exc).__name__}: {exc})")
         restore_sigterm(previous_sigterm)
         set_call_timeout(None)
+    if closing is not None:  # the run itself ended well, but its summary or metrics could not be written
+        line = stop_line(closing, run_dir, checkpoint.path_of(run_dir, last_checkpoint),
+                         _resume_command(run_dir))
+        if line is None:
+            raise closing
+        raise StorageError(line) from closing
     if cfg.world.name and "accuracy" in summary.eval and not summary.interrupted:
         summary.reference = comparison_line(cfg.world.name, cfg.solver.beta, summary.rollouts,
                                             summary.eval["accuracy"])

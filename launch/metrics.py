@@ -14,7 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from eva_ray.atomic import read_jsonl, write_text
 from eva_ray.metrics import HIST_TAG, is_histogram
+from launch.storage import writing
 
 STEP_KEY = "train/global_step"
 
@@ -56,20 +58,17 @@ def flatten(metrics: dict[str, Any]) -> dict[str, Any]:
 def keep_until(path: Path, step: int) -> int:
     """Cut ``metrics.jsonl`` back to the lines of steps up to ``step`` (a resumed run logs the later ones again);
     a line torn by a crash mid-write goes too. Atomic; returns the lines kept."""
+    return _cut(path, step)[0]
+
+
+def _cut(path: Path, step: int) -> tuple[int, int]:
+    """:func:`keep_until`, also returning the torn lines dropped."""
     if not path.exists():
-        return 0
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and row.get(STEP_KEY, 0) <= step:
-            kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
-    return len(kept)
+        return 0, 0
+    rows = read_jsonl(path)
+    kept = [row for row in rows if isinstance(row, dict) and row.get(STEP_KEY, 0) <= step]
+    write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+    return len(kept), rows.skipped
 
 
 class MetricsLogger:
@@ -81,8 +80,10 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.run_dir / "metrics.jsonl"
+        self.torn_lines = 0
+        """Lines of ``metrics.jsonl`` a crash or a full disk cut short, dropped when a resumed run cut it back."""
         if resume_step is not None:
-            keep_until(self.jsonl_path, resume_step)
+            _, self.torn_lines = _cut(self.jsonl_path, resume_step)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8") if jsonl else None
         self.mode = wandb_mode(mode_setting)
         self._wandb = None
@@ -93,8 +94,10 @@ class MetricsLogger:
             self._wandb = wandb
             # A resumed run continues the same wandb run (its id from the checkpoint).
             resume = dict(id=resume_id, resume="allow") if resume_id else {}
+            # quiet: no "Run history / Run summary" block at the end (the run prints its own summary last).
             self._run = wandb.init(project=project, name=run_name, dir=str(self.run_dir), mode=self.mode,
-                                   config=config, reinit="finish_previous", **resume)
+                                   config=config, reinit="finish_previous", settings=wandb.Settings(quiet=True),
+                                   **resume)
             self._run.define_metric(STEP_KEY)
             self._run.define_metric("*", step_metric=STEP_KEY)
 
@@ -106,11 +109,16 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         flat = flatten(metrics)
         flat[STEP_KEY] = step
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(_jsonable(flat)) + "\n")
-            self._jsonl.flush()
+        self._append(flat)
         if self._run is not None:
             self._run.log({k: self._to_wandb(v) for k, v in flat.items() if not self._empty(v)})
+
+    def _append(self, row: dict[str, Any]) -> None:
+        """One line, flushed at once: a crash or a full disk can cut only this line short (readers skip it)."""
+        if self._jsonl is not None:
+            with writing("appending to metrics.jsonl", self.jsonl_path):
+                self._jsonl.write(json.dumps(_jsonable(row)) + "\n")
+                self._jsonl.flush()
 
     @staticmethod
     def _empty(value: Any) -> bool:
@@ -125,9 +133,7 @@ class MetricsLogger:
 
     def table(self, step: int, name: str, columns: list[str], rows: list[list[Any]]) -> None:
         """A wandb table (e.g. sampled evolved prompts); the JSONL file gets the same rows."""
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(_jsonable({STEP_KEY: step, name: {"columns": columns, "rows": rows}})) + "\n")
-            self._jsonl.flush()
+        self._append({STEP_KEY: step, name: {"columns": columns, "rows": rows}})
         if self._run is not None and rows:
             self._run.log({name: self._wandb.Table(columns=columns, data=rows), STEP_KEY: step})
 

@@ -93,6 +93,8 @@ class Plan:
     groups: list[BundleGroup]
     gpus: list[GpuUse]
     overflows: list[str]
+    notes: list[str] = field(default_factory=list)
+    """Lines printed under the memory table (the checkpoint size)."""
 
     @property
     def fits(self) -> bool:
@@ -456,6 +458,7 @@ def format_plan(plan: Plan) -> str:
         fmt = lambda r: "  " + "  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
         lines.append(fmt(head))
         lines.extend(fmt(r) for r in rows)
+    lines.extend(plan.notes)
     lines.append("")
     lines.append("fits" if plan.fits else f"does not fit: {plan.error_line()}")
     return "\n".join(lines)

@@ -9,16 +9,17 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from eva_ray.atomic import read_jsonl
+
 
 def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if line.strip() and "creator/evolved_prompts" not in line]
+    # A line torn by a crash or a full disk is skipped (read_jsonl counts it).
+    return [row for row in read_jsonl(run_dir / "metrics.jsonl") if "creator/evolved_prompts" not in row]
 
 
 def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:

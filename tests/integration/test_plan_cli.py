@@ -67,3 +67,14 @@ def test_run_skips_the_plan_on_cpu_only_configs():
                    "configs/smollm2-mtbench.yaml"):
         assert _check_plan_before_run(load_config(ROOT / config, ["model.path=org/no-shape-anywhere"])) == 0
     assert _check_plan_before_run(load_config(ROOT / RLOO, ONE_RANK)) == 1
+
+
+def test_plan_prints_the_checkpoint_size_under_the_memory_table():
+    out = cli("plan", "--config", RLOO)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    size = next(i for i, line in enumerate(lines) if line.startswith("checkpoint: "))
+    assert lines[size - 1].lstrip().startswith("0     7    rollout-4")  # the table's last row
+    # gemma-2-9b under ZeRO-3 in bf16: fp32 master weights and AdamW's two moments, 12 bytes a parameter.
+    assert lines[size].startswith("checkpoint: ~110.9 GB each (learner 110.9 GB at ZeRO-3 in bfloat16, creator ")
+    assert "keeping 2 while writing the next needs ~332.7 GB" in lines[size]

@@ -65,12 +65,13 @@ def wait(proc: subprocess.Popen, log: Path, timeout: float = 600) -> int:
 def test_a_driver_killed_mid_run_resumes_and_trains_exactly_what_the_uninterrupted_run_trains(tmp_path):
     whole = tmp_path / "whole"
     log = tmp_path / "whole.log"
-    assert wait(launch("--inline", f"run.output_dir={whole}", *OVERRIDES, out=log), log) == 0, log.read_text()
+    assert wait(launch("--inline", "--config", "configs/chain_sum.yaml", f"run.output_dir={whole}", *OVERRIDES,
+                       out=log), log) == 0, log.read_text()
     (reference,) = whole.glob("chain-sum-*")
 
     cut = tmp_path / "cut"
     log = tmp_path / "cut.log"
-    proc = launch("--inline", f"run.output_dir={cut}", *OVERRIDES, out=log)
+    proc = launch("--inline", "--config", "configs/chain_sum.yaml", f"run.output_dir={cut}", *OVERRIDES, out=log)
     deadline = time.monotonic() + 600
     while True:  # kill -9 once step 6 is logged: past the checkpoint of step 4, before the next one
         runs = list(cut.glob("chain-sum-*"))
