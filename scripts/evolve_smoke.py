@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
-from actors.creator import litellm_complete  # noqa: E402
+from actors.evolve_llm import litellm_complete  # noqa: E402
 from actors.local_llm import register_local_provider, unregister_local_provider  # noqa: E402
 from eva_ray.config import load_config  # noqa: E402
 from eva_ray.data import load_seed_prompts  # noqa: E402
