@@ -16,7 +16,8 @@ Two ways to evolve share one path for call, parse, validate and count (:meth:`Ev
 - :meth:`Evolver.evolve`: ``n_children`` independent children per parent, operators drawn uniformly (the paper's
   default).
 - :meth:`Evolver.evolve_tree_bon`: the paper's tree best-of-N (Fig. 11): evolve ``width`` candidates, keep the one a
-  scorer likes best, evolve *it* again, ``depth`` times, returning the chain of winners.
+  scorer likes best, evolve *it* again, ``depth`` times, returning the chain of winners. :class:`TreeBoNEvolver`
+  offers it to the creator as an evolver of its own.
 
 Reproducibility: operators come from a seeded generator, drawn in parent order before any call is made, and
 answers are validated in that same order after the calls return, so completion order (which a real LLM makes
