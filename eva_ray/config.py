@@ -23,7 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
-from eva_ray.evolve.operators import STYLES, validate_operators
+from eva_ray.evolve.methods import EVOLVE_METHODS
+from eva_ray.evolve.operators import STYLES
 from eva_ray.informativeness import METRICS
 from eva_ray.sampling import SAMPLING_MODES
 from eva_ray.worlds import WORLDS, WorldParamError, get_world, make_world
@@ -153,7 +154,7 @@ class CreatorConfig:
 class EvolveConfig:
     method: str = knob("llm", "How prompts evolve: an LLM rewrites them, (worlds only) the curriculum moves a "
                        "task along its difficulty knobs, or none (no creator: the static-D baseline).",
-                       choices=("llm", "curriculum", "none"))
+                       choices=EVOLVE_METHODS)
     style: str = knob("eva", "Meta-prompt family.", choices=tuple(STYLES))
     operators: list[str] | None = knob(None, "Operators drawn per child (paper appendix F); unset: all of the "
                                        "style's operators (llm), or harder/sibling/easier (curriculum).")
@@ -352,21 +353,7 @@ class Config:
 def _cross_field_problems(cfg: Config) -> list[str]:
     """Rules that involve more than one field. Each problem names its path first."""
     problems = []
-    if cfg.evolve.method == "curriculum":
-        if cfg.world.name is None:
-            problems.append("evolve.method: 'curriculum' moves tasks along a world's difficulty; set world.name "
-                            f"(allowed: {', '.join(WORLDS)})")
-        else:
-            moves = get_world(cfg.world.name).moves
-            unknown = [op for op in cfg.evolve.operators or [] if op not in moves]
-            if unknown:
-                problems.append(f"evolve.operators: {unknown} are not moves of world {cfg.world.name}; allowed: "
-                                f"{', '.join(moves)}")
-    elif cfg.evolve.operators is not None:
-        try:
-            validate_operators(cfg.evolve.operators, cfg.evolve.style)
-        except ValueError as exc:
-            problems.append(f"evolve.operators: {exc}")
+    problems.extend(EVOLVE_METHODS[cfg.evolve.method].check(cfg))  # the method's own needs
     weights = cfg.evolve.operator_weights
     if weights is not None:
         if cfg.evolve.operators is None or len(weights) != len(cfg.evolve.operators):

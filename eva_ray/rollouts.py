@@ -1,5 +1,8 @@
 """Rollouts: what a rollout worker hands back for one sampled response, and how a batch is split across workers.
 
+A rollout backend (``actors/hf_backend.py``, ``actors/vllm_backend.py``) takes a :class:`Sampling` and returns one
+:class:`Sample` per response; the worker turns each into a :class:`Rollout`.
+
 A :class:`Rollout` is one response to one prompt, in both token ids (what the learner trains on) and text (what the
 reward model and the creator read), stamped with the policy version whose weights sampled it so the driver can drop
 or down-weight stale samples.
@@ -22,6 +25,24 @@ T = TypeVar("T")
 
 FINISH_REASONS: tuple[str, ...] = ("stop", "length")
 """``stop``: the policy emitted an end-of-sequence token; ``length``: it ran into ``max_new_tokens``."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How responses are sampled. ``temperature=0`` means greedy decoding (vLLM's convention)."""
+
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+
+
+@dataclass
+class Sample:
+    """One response as an engine returns it: tokens, why it ended, and each token's behaviour log-prob."""
+
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[float]
 
 
 @dataclass

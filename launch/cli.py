@@ -84,7 +84,8 @@ def _run_command(args: argparse.Namespace) -> int:
         cfg = load_config(args.config or DEFAULT_RUN, args.overrides)
     if not args.inline and _check_plan_before_run(cfg):
         return 1
-    from actors.creator import CreatorStarved, EvolveLLMError
+    from actors.creator import CreatorStarved
+    from actors.evolve_llm import EvolveLLMError
     from eva_ray.data import DataError
     from launch import signals
     from eva_ray.packaged_models import PackagedModelUnavailable

@@ -22,7 +22,7 @@ from eva_ray.atomic import staged_dir
 from eva_ray.config import Config
 from eva_ray.records import PromptRecord
 from launch import weight_sync
-from launch.group import RolloutGroup
+from launch.rollout_group import RolloutGroup
 from launch.handles import ActorHandle, InlineActor, RayActor, gather
 from launch.learner_group import LearnerGroup
 from launch.placement import PlacementError, learner_address, realize

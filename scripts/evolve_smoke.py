@@ -32,11 +32,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
-from actors.creator import litellm_complete  # noqa: E402
+from actors.evolve_llm import litellm_complete  # noqa: E402
 from actors.local_llm import register_local_provider, unregister_local_provider  # noqa: E402
 from eva_ray.config import load_config  # noqa: E402
 from eva_ray.data import load_seed_prompts  # noqa: E402
 from eva_ray.evolve.evolver import EvolveCounts, Evolver  # noqa: E402
+from eva_ray.evolve.methods import similarity_validator  # noqa: E402
 from eva_ray.evolve.operators import STYLES  # noqa: E402
 from eva_ray.evolve.validate import EvolveValidator  # noqa: E402
 from eva_ray.records import PromptRecord  # noqa: E402
@@ -93,9 +94,7 @@ class _SharedLimitEvolver(Evolver):
 async def evolve_all(parents: list[PromptRecord], n_children: int, cfg: Any, counters: Counter,
                      log: list[Attempt]) -> tuple[EvolveCounts, float]:
     operators = list(STYLES[cfg.evolve.style].operators)
-    validator = EvolveValidator(max_length_ratio=cfg.evolve.max_length_ratio,
-                                parent_similarity=cfg.evolve.parent_similarity,
-                                buffer_similarity=cfg.evolve.buffer_similarity)
+    validator = similarity_validator(cfg.evolve)  # the creator's, for evolve.method=llm
     for p in parents:  # as the creator does: a child that repeats a seed prompt adds nothing
         validator.register(p.prompt_text)
     complete = litellm_complete(cfg.evolve, counters)  # the creator's binding: retries, timeout, model string

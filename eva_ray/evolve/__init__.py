@@ -1,10 +1,14 @@
-"""Evolving prompts: operators and meta-prompt styles, parsing/validation of the answers, and the async evolver.
+"""Evolving prompts: the evolver interface and its methods, operators and meta-prompt styles, parsing/validation of
+the answers.
 
-The LLM is injected as an async ``complete(messages) -> str`` callable, so this package needs neither Ray nor
-LiteLLM; the creator actor binds a provider to it.
+:mod:`eva_ray.evolve.base` is the interface the creator calls (:class:`PromptEvolver`), and
+:mod:`eva_ray.evolve.methods` the registry of ``evolve.method`` values that builds one. The LLM is injected as an
+async ``complete(messages) -> str`` callable, so this package needs neither Ray nor LiteLLM; the creator actor binds
+a provider to it.
 """
 
-from eva_ray.evolve.evolver import Complete, EvolveBatch, EvolveCounts, Evolver, Scorer
+from eva_ray.evolve.base import PromptEvolver
+from eva_ray.evolve.evolver import Complete, EvolveBatch, EvolveCounts, Evolver, Scorer, TreeBoNEvolver
 from eva_ray.evolve.operators import (
     IN_BREADTH,
     IN_DEPTH,
@@ -39,11 +43,13 @@ __all__ = [
     "OPERATORS",
     "OUTPUT_MARKER",
     "Operator",
+    "PromptEvolver",
     "REJECTION_REASONS",
     "RejectionCounter",
     "STYLES",
     "Scorer",
     "Style",
+    "TreeBoNEvolver",
     "build_messages",
     "choose_operators",
     "normalize",

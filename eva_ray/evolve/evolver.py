@@ -16,7 +16,8 @@ Two ways to evolve share one path for call, parse, validate and count (:meth:`Ev
 - :meth:`Evolver.evolve`: ``n_children`` independent children per parent, operators drawn uniformly (the paper's
   default).
 - :meth:`Evolver.evolve_tree_bon`: the paper's tree best-of-N (Fig. 11): evolve ``width`` candidates, keep the one a
-  scorer likes best, evolve *it* again, ``depth`` times, returning the chain of winners.
+  scorer likes best, evolve *it* again, ``depth`` times, returning the chain of winners. :class:`TreeBoNEvolver`
+  offers it to the creator as an evolver of its own.
 
 Reproducibility: operators come from a seeded generator, drawn in parent order before any call is made, and
 answers are validated in that same order after the calls return, so completion order (which a real LLM makes
@@ -36,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from eva_ray.evolve.base import PromptEvolver
 from eva_ray.evolve.operators import STYLES, build_messages, choose_operators, get_style, validate_operators
 from eva_ray.evolve.validate import EvolveValidator
 from eva_ray.records import PromptRecord, make_child
@@ -168,7 +170,7 @@ class EvolveJob:
         return {"parent": self.parent.to_dict(), "operator": self.operator, "index": self.index}
 
 
-class Evolver:
+class Evolver(PromptEvolver):
     """Evolves prompts with an LLM through ``complete``; see the module docstring.
 
     ``operators`` defaults to every operator of ``style``. The ``validator`` holds the duplicate index: the buffer's
@@ -394,6 +396,27 @@ class Evolver:
             chain.append(best)
             node = best
         return EvolveBatch(children=chain, counts=counts, outcomes=outcomes)
+
+
+class TreeBoNEvolver(PromptEvolver):
+    """Tree best-of-N as an evolve method: each parent grows one chain of winners (:meth:`Evolver.evolve_tree_bon`).
+
+    ``n_children`` is not used: a parent gets at most ``depth`` children, one per level. Levels draw their operators
+    as they go, so nothing is planned ahead; the state is the wrapped evolver's generator.
+    """
+
+    def __init__(self, evolver: Evolver, *, scorer: Scorer, width: int, depth: int) -> None:
+        self.evolver, self.scorer, self.width, self.depth = evolver, scorer, width, depth
+        self.rng = evolver.rng
+
+    async def evolve(self, parents: Sequence[PromptRecord], n_children: int, *, step: int) -> EvolveBatch:
+        chains = await asyncio.gather(*(self.evolver.evolve_tree_bon(
+            p, width=self.width, depth=self.depth, scorer=self.scorer, step=step) for p in parents))
+        counts = EvolveCounts()
+        for chain in chains:
+            counts.add(chain.counts)
+        return EvolveBatch(children=[c for chain in chains for c in chain.children], counts=counts,
+                           outcomes=[o for chain in chains for o in chain.outcomes])
 
 
 class _NonFiniteScore(ValueError):

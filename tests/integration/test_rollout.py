@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.rollout import VLLM_MISSING, RolloutWorker, cut_at_eos
+from actors.hf_backend import cut_at_eos
+from actors.rollout import VLLM_MISSING, RolloutWorker
 from eva_ray.records import PromptRecord
 from eva_ray.rollouts import Rollout, response_texts, shard, unshard
 from eva_ray.tiny import END, ROLE_TOKENS, save_tiny_models

@@ -152,7 +152,8 @@ def test_behaviour_log_probs_are_those_of_the_distribution_sampled(backend, temp
     log-probs the engine returned with them."""
     from transformers import AutoModelForCausalLM
 
-    from actors.rollout import RolloutWorker, _top_p_filter
+    from actors.hf_backend import _top_p_filter
+    from actors.rollout import RolloutWorker
 
     worker = RolloutWorker(SOLVER, backend=backend, temperature=temperature, top_p=top_p, max_new_tokens=8,
                            max_prompt_tokens=64, seed=3, **vllm_settings(backend))
