@@ -58,6 +58,9 @@ def section(cls: type, help: str) -> Any:
 class RunConfig:
     name: str = knob("eva", "Run name; the run directory is <output_dir>/<name>-<timestamp>.")
     seed: int = knob(42, "Seed for every random choice of the run (data order, sampling, evolve operators).")
+    plugins: list[str] = knob([], "Python modules imported before the config is checked, in the driver and in every "
+                              "actor: worlds, losses and evolve methods they register are then valid names in "
+                              "every process (under Ray each actor is a process of its own).")
     output_dir: str = knob("runs", "Where run directories (metrics, buffer snapshots, checkpoints) are written.")
     total_steps: int = knob(100, "Learner steps (minibatches) to run.", ge=1)
     total_rollouts: int = knob(0, "Also end the run after the step at which every rollout generated so far (trained "
@@ -550,8 +553,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def import_plugins(modules: Any) -> None:
+    """Import ``run.plugins`` (their registrations run at import); a module that cannot be imported is a config
+    error naming it."""
+    import importlib
+
+    if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
+        raise ConfigError(f"run.plugins: {modules!r} is not a list of module names")
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"run.plugins: cannot import {name!r} ({exc})") from None
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a Config from a nested mapping."""
+    import_plugins(((data or {}).get("run") or {}).get("plugins") or [])
     cfg = _build(Config, data or {}, "")
     problems = _cross_field_problems(cfg)
     if problems:

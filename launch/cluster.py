@@ -295,7 +295,7 @@ def _place_actors(cfg: Config, kwargs: dict[str, dict[str, Any]], pad: int, echo
 
     def remote(cls, r, role: str, index: int = 0, env: dict[str, str] | None = None, **options):
         threads = thread_count(r)  # torch threads = the CPUs the actor was given (launch/threads.py)
-        return ray.remote(with_threads(cls, threads)).options(
+        return ray.remote(with_threads(cls, threads, cfg.run.plugins)).options(
             num_cpus=r.num_cpus, num_gpus=r.num_gpus,
             runtime_env={"env_vars": {**ACTOR_ENV, **thread_env(threads), **(env or {})}},
             scheduling_strategy=placed.strategy(role, index), **options)

@@ -25,13 +25,18 @@ def thread_env(threads: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def with_threads(cls: type, threads: int) -> type:
-    """``cls`` whose constructor first sets torch's thread count, with ``eva_threads()`` to read it back."""
+def with_threads(cls: type, threads: int, plugins: list[str] | tuple[str, ...] = ()) -> type:
+    """``cls`` whose constructor first sets torch's thread count and imports ``run.plugins`` (so what they register
+    exists in this actor's process too), with ``eva_threads()`` to read the thread count back."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        import importlib
+
         import torch
 
         torch.set_num_threads(threads)
+        for module in plugins:
+            importlib.import_module(module)
         cls.__init__(self, *args, **kwargs)
 
     def eva_threads(self) -> dict[str, Any]:
