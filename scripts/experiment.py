@@ -18,6 +18,7 @@ n_responses, so arms differ only in how the creator picks and evolves prompts:
   eva_refill  eva whose bootstrap refills the buffer (creator.bootstrap_refill=true)
   eva_steer  eva_refill whose curriculum steers never-solved parents easier and always-solved ones harder
            (evolve.steer_by_success=true): the default run's creator
+  replay   no evolving: each step's top parents re-enter the buffer as themselves (evolve.method=replay)
   staleness  eva with a PLR-style staleness term in buffer sampling (creator.staleness_coef=0.3), a remedy for a
            buffer that stops replaying what it no longer scores
 
@@ -87,6 +88,8 @@ ARMS: dict[str, list[str]] = {
     # The creator the default run uses: refill, and parents never solved get easier children (always solved:
     # harder), so a batch without any reward spread walks towards prompts the solver can solve.
     "eva_steer": ["creator.bootstrap_refill=true", "evolve.steer_by_success=true"],
+    # The paper's "evolving vs not": the buffer replays the informative parents themselves, nothing new is made.
+    "replay": ["evolve.method=replay"],
 }
 DEFAULT_ARMS = ("eva", "static", "uniform", "greedy", "inverse")  # probe is asked for by name (--arms)
 INDEX = "index.json"

@@ -24,6 +24,7 @@ from eva_ray.evolve.curriculum import CurriculumEvolver, ExactTextValidator
 from eva_ray.evolve.evolver import Complete, EvolveBatch, Evolver, TreeBoNEvolver
 from eva_ray.evolve.judge import llm_judge_scorer
 from eva_ray.evolve.operators import validate_operators
+from eva_ray.evolve.replay import ReplayEvolver
 from eva_ray.evolve.validate import EvolveValidator
 from eva_ray.worlds import WORLDS, get_world, world_of
 
@@ -156,3 +157,5 @@ register_evolve_method(EvolveMethod("llm", build_llm))
 register_evolve_method(EvolveMethod("curriculum", build_curriculum, validator=exact_validator,
                                     check=curriculum_problems))
 register_evolve_method(EvolveMethod("none", build_none))
+register_evolve_method(EvolveMethod("replay", lambda cfg, validator, llm: ReplayEvolver(cfg.run.seed + 1),
+                                    validator=exact_validator, check=lambda cfg: []))
