@@ -14,12 +14,13 @@ A plain class: Ray wraps it at launch (``ray.remote(Learner)``); tests and singl
 One ``train_step``:
 
 1. Skip (``train/skipped=1``, weights and Adam state untouched) when no prompt group has reward spread and
-   ``solver.skip_zero_advantage`` is set, or always for OAIF (no pair, nothing to learn). Adam keeps moving the
-   weights on a zero or KL-only gradient through its momentum; on a tiny model that collapsed the policy
-   (notes/proving-ground-feasibility.md).
-2. OAIF keeps only the best and worst response of each prompt (``select_pairs``): the policy and the reference
-   model then run on 2 responses per prompt instead of N.
-3. Reference log-probs, once (no grad). With RLOO and ``beta == 0`` there is no reference model at all.
+   ``solver.skip_zero_advantage`` is set, or always for a loss on pairs (OAIF: no pair, nothing to learn). Adam
+   keeps moving the weights on a zero or KL-only gradient through its momentum, which can collapse a small policy.
+2. The loss's spec (:mod:`eva_ray.losses.registry`) picks the batch view: OAIF's ``"pairs"`` keeps only the best
+   and worst response of each prompt (``select_pairs``), so the policy and the reference model run on 2 responses
+   per prompt instead of N.
+3. Reference log-probs, once (no grad), when the spec needs the reference at this beta (RLOO at ``beta == 0``
+   has no reference model at all).
 4. ``solver.updates_per_batch`` optimizer updates. Micro-batches of whole prompt groups run forward/backward, each
    loss weighted by its share of the batch (``eva_ray.batching.share``: exact for these per-group losses), and one
    ``engine.step()``. With one update per batch (the usual case) that is the whole step: the metrics come from the
@@ -65,14 +66,15 @@ from typing import Any
 import torch
 
 from actors.weight_channel import ChannelSpec, WeightChannel, collective, host_store, send
-from eva_ray.batching import TrainBatch, groups_with_spread, micro_batches, right_pad, select_pairs, share_units
+from eva_ray.batching import TrainBatch, batch_view, groups_with_spread, micro_batches, right_pad, share_units
 from eva_ray.config import LearnerConfig, ModelConfig, SolverConfig
-from eva_ray.losses import entropy_from_logits, get_policy_loss, kl_estimate, masked_mean, token_logprobs
+from eva_ray.dtypes import COMPUTE_DTYPES, torch_dtypes
+from eva_ray.losses import entropy_from_logits, get_loss, kl_estimate, masked_mean, token_logprobs
 from eva_ray.losses.off_policy import Correction, importance_weights
 from eva_ray.metrics import reduce_rank_metrics, weighted_means
 from eva_ray.weights import fingerprint, spec_of
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = torch_dtypes(COMPUTE_DTYPES)
 LR_SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
 
 # Environment a single-process torch.distributed group needs; set only when absent (a launcher sets its own).
@@ -278,8 +280,9 @@ class Learner:
                  temperature: float = 1.0) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        if solver.algorithm == "oaif" and not solver.beta > 0:
-            raise ValueError(f"solver.beta: {solver.beta} with solver.algorithm 'oaif'; DPO needs beta > 0")
+        spec = get_loss(solver.algorithm)
+        if (problem := spec.check_beta(solver.beta)) is not None:
+            raise ValueError(problem)
         if model.dtype not in DTYPES:
             raise ValueError(f"model.dtype: {model.dtype!r}; allowed: {', '.join(DTYPES)}")
         if not temperature > 0:
@@ -288,15 +291,17 @@ class Learner:
         self.model_path = model_path
         self.temperature = float(temperature)
         self.total_updates = total_steps * solver.updates_per_batch
-        self._loss_fn = get_policy_loss(solver.algorithm)
-        # RLOO uses the importance ratio pi / pi_old only when one batch gets several updates. With one update the
+        self._spec = spec
+        self._loss_fn = spec.loss_fn
+        self._loss_options = spec.options_for(solver)
+        # The importance ratio pi / pi_old is used only when one batch gets several updates. With one update the
         # ratio is exactly 1 and its gradient equals REINFORCE's, but its value would make train/loss read
         # -mean(A) = 0 every step; the plain -mean(A * log pi) keeps a loss that falls as the policy learns.
-        self._use_ratio = solver.algorithm == "rloo" and solver.updates_per_batch > 1
+        self._use_ratio = spec.ratio and solver.updates_per_batch > 1
         # "auto" is resolved by the driver (TIS when rollout overlaps training); a learner built directly has no lag
         # to correct unless asked.
         method = learner.off_policy_correction if learner.off_policy_correction != "auto" else "none"
-        self._correction = Correction(method if solver.algorithm == "rloo" else "none", cap=learner.is_cap,
+        self._correction = Correction(method if spec.importance_weights else "none", cap=learner.is_cap,
                                       low=learner.icepop_low, high=learner.icepop_high)
         self._version = 0
         self._closed = False
@@ -362,14 +367,14 @@ class Learner:
             self.reference.to(self.device)
 
     def _load_reference(self, path: str, dtype: torch.dtype) -> torch.nn.Module | None:
-        """The frozen reference model, or None when the loss never reads it (RLOO with ``beta == 0``).
+        """The frozen reference model, or None when the loss never reads it (e.g. RLOO with ``beta == 0``).
 
         Under ZeRO 0-2 a plain replicated module in eval mode without gradients, loaded *before* any
         HfDeepSpeedConfig exists (while one is alive, every from_pretrained in the process builds a
         ZeRO-3-partitioned model, which only a DeepSpeed engine can run). Under ZeRO-3 it is loaded while one is
         alive and wrapped in an inference engine, so it is partitioned over the ranks.
         """
-        if self.solver.algorithm == "rloo" and self.solver.beta == 0:
+        if not self._spec.needs_reference(self.solver.beta):
             return None
         reference = _load_causal_lm(path, dtype, self.model_cfg.trust_remote_code)
         return reference.requires_grad_(False).eval()
@@ -458,14 +463,14 @@ class Learner:
     def _loss(self, logprobs: torch.Tensor, ref: torch.Tensor | None, old: torch.Tensor | None,
               batch: TrainBatch, is_weights: tuple[torch.Tensor | None, dict[str, torch.Tensor]] = (None, {}),
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        s = self.solver
-        mask = batch.response_token_mask
-        if s.algorithm == "oaif":
-            return self._loss_fn(logprobs, ref, mask, batch.rewards, beta=s.beta, loss_type=s.dpo_loss)
+        kwargs = dict(self._loss_options)
+        if self._spec.ratio:
+            kwargs.update(old_logprobs=old, clip_eps=self.solver.clip_eps)
         weights, is_stats = is_weights
-        loss, stats = self._loss_fn(logprobs, ref, mask, batch.rewards, beta=s.beta, kl_estimator=s.kl_estimator,
-                                    kl_mode=s.kl_mode, aggregation=s.aggregation, old_logprobs=old,
-                                    clip_eps=s.clip_eps, is_weights=weights)
+        if self._spec.importance_weights:
+            kwargs["is_weights"] = weights
+        loss, stats = self._loss_fn(logprobs, ref, batch.response_token_mask, batch.rewards, beta=self.solver.beta,
+                                    **kwargs)
         return loss, stats | is_stats
 
     # ------------------------------------------------------------------------------------------ train step
@@ -507,14 +512,14 @@ class Learner:
         }
         weights = {"prompts": float(batch.num_prompts * real), "rewards": float(finite.sum()),
                    "sequences": float(batch.num_sequences * real), "units": 0.0}
-        if not self._any_rank(bool(spread.any())) and (s.skip_zero_advantage or s.algorithm == "oaif"):
+        if not self._any_rank(bool(spread.any())) and (s.skip_zero_advantage or self._spec.needs_spread):
             # Nothing in the rewards to learn from. The schedule still advances, so the LR stays keyed to the
             # driver's step count rather than to the number of batches that happened to carry a signal.
             self._advance_schedule(s.updates_per_batch)
             return self._finish(metrics, weights, start)
 
-        full = (select_pairs(batch) if s.algorithm == "oaif" else batch).to(self.device)
-        unit = "group" if s.algorithm == "oaif" else s.aggregation
+        full = batch_view(batch, self._spec.view).to(self.device)
+        unit = self._spec.unit_for(s)
         micros = micro_batches(full, self.cfg.micro_batch_size)
         # A padding rank computes on its filler group like any other, but with nothing of its own to weigh.
         local_units = share_units(full, unit) if real else 0.0

@@ -46,12 +46,13 @@ import torch
 
 from actors.vllm_backend import VLLM_MISSING, VLLMBackend
 from actors.weight_channel import ChannelSpec, WeightChannel, collective, receive
+from eva_ray.dtypes import COMPUTE_DTYPES, torch_dtypes
 from eva_ray.records import PromptRecord
 from eva_ray.rollouts import Rollout
 from eva_ray.weights import TensorSpec, fingerprint
 
 BACKENDS: tuple[str, ...] = ("hf", "vllm")
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = torch_dtypes(COMPUTE_DTYPES)
 __all__ = ["BACKENDS", "RolloutWorker", "Sample", "Sampling", "VLLM_MISSING", "cut_at_eos"]
 _SHOW = 5  # how many offending names an error message lists
 

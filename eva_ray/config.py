@@ -23,9 +23,11 @@ from typing import Any, Literal
 
 import yaml
 
+from eva_ray.dtypes import COMPUTE_DTYPES
 from eva_ray.evolve.curriculum import OPERATORS as CURRICULUM_OPERATORS
 from eva_ray.evolve.operators import STYLES, validate_operators
 from eva_ray.informativeness import METRICS
+from eva_ray.losses import LOSSES, get_loss
 from eva_ray.sampling import SAMPLING_MODES
 from eva_ray.worlds import WORLDS
 
@@ -78,7 +80,7 @@ class ModelConfig:
     path: str = knob("", "Policy model: a local Hugging Face folder or a hub id (the learner's starting weights).")
     tokenizer: str | None = knob(None, "Tokenizer folder; defaults to the model path.")
     reference: str | None = knob(None, "Frozen reference model for the KL term; defaults to the policy's start.")
-    dtype: str = knob("float32", "Weights dtype.", choices=("float32", "bfloat16", "float16"))
+    dtype: str = knob("float32", "Weights dtype.", choices=COMPUTE_DTYPES)
     trust_remote_code: bool = knob(False, "Allow the model's own Python code to run when loading it.")
 
 
@@ -186,8 +188,9 @@ class EvolveConfig:
 
 @dataclass
 class SolverConfig:
-    algorithm: str = knob("rloo", "Policy update: RLOO, or OAIF (online DPO on best-vs-worst pairs).",
-                          choices=("rloo", "oaif"))
+    # LOSSES.keys() is a live view: a loss registered after this module was imported is a choice too.
+    algorithm: str = knob("rloo", "Policy update, a loss of the registry in eva_ray/losses: RLOO, or OAIF (online "
+                          "DPO on best-vs-worst pairs).", choices=LOSSES.keys())
     n_responses: int = knob(4, "Responses sampled per prompt (both algorithms need at least 2).", ge=2)
     beta: float = knob(0.05, "KL coefficient (RLOO) or DPO beta (OAIF).", ge=0)
     kl_estimator: str = knob("k1", "Per-token KL estimator.", choices=("k1", "k2", "k3"))
@@ -397,9 +400,13 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         problems.append(f"run.overlap: 'on' trains on rollouts {cfg.learner.sync_every} version(s) behind, more "
                         f"than learner.max_staleness {cfg.learner.max_staleness}; raise max_staleness or set "
                         "run.overlap to auto or off")
-    if cfg.learner.off_policy_correction in ("tis", "icepop") and cfg.solver.algorithm != "rloo":
-        problems.append(f"learner.off_policy_correction: {cfg.learner.off_policy_correction} weights RLOO's policy "
-                        f"gradient; solver.algorithm is {cfg.solver.algorithm} (set it to auto or none)")
+    loss = get_loss(cfg.solver.algorithm)
+    if (problem := loss.check_beta(cfg.solver.beta)) is not None:
+        problems.append(problem)
+    if cfg.learner.off_policy_correction in ("tis", "icepop") and not loss.importance_weights:
+        problems.append(f"learner.off_policy_correction: {cfg.learner.off_policy_correction} weights the policy "
+                        f"gradient of a loss that takes importance weights (RLOO); solver.algorithm "
+                        f"{cfg.solver.algorithm} takes none (set it to auto or none)")
     if cfg.solver.clip_eps is None and cfg.solver.updates_per_batch > 1:
         problems.append(f"solver.clip_eps: unset while solver.updates_per_batch is "
                         f"{cfg.solver.updates_per_batch}; several updates on one batch need ratio clipping")
