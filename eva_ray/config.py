@@ -26,7 +26,7 @@ import yaml
 from eva_ray.dtypes import COMPUTE_DTYPES
 from eva_ray.evolve.curriculum import OPERATORS as CURRICULUM_OPERATORS
 from eva_ray.evolve.operators import STYLES, validate_operators
-from eva_ray.informativeness import METRICS
+from eva_ray.informativeness import DEFAULT_METRIC, METRICS
 from eva_ray.losses import LOSSES, get_loss
 from eva_ray.sampling import SAMPLING_MODES
 from eva_ray.worlds import WORLDS
@@ -126,7 +126,8 @@ class CreatorConfig:
     ratio_evol: float = knob(0.5, "Share of a mix-up minibatch drawn from the buffer (paper: 0.5).", ge=0, le=1)
     top_fraction: float = knob(0.5, "Share of each minibatch, most informative first, that gets evolved.",
                                gt=0, le=1)
-    metric: str = knob("a_avg", "Informativeness metric; the paper uses a_avg online and a_min offline.",
+    metric: str = knob(DEFAULT_METRIC["online"], "Informativeness metric; the paper uses a_avg online and a_min "
+                       "offline.",
                        choices=METRICS)
     sampling: str = knob("sample", "How buffer prompts are drawn: weighted without replacement, or top-k.",
                          choices=SAMPLING_MODES)
