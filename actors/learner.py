@@ -71,45 +71,14 @@ from eva_ray.config import LearnerConfig, ModelConfig, SolverConfig
 from eva_ray.dtypes import COMPUTE_DTYPES, torch_dtypes
 from eva_ray.losses import entropy_from_logits, get_loss, kl_estimate, masked_mean, token_logprobs
 from eva_ray.losses.off_policy import Correction, importance_weights
+from eva_ray.lr_schedule import lr_multiplier
 from eva_ray.metrics import reduce_rank_metrics, weighted_means
 from eva_ray.weights import fingerprint, spec_of
 
 DTYPES: dict[str, torch.dtype] = torch_dtypes(COMPUTE_DTYPES)
-LR_SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
 
 # Environment a single-process torch.distributed group needs; set only when absent (a launcher sets its own).
 _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-
-
-# ------------------------------------------------------------------------------------------------ LR schedule
-
-
-def lr_multiplier(schedule: str, total_updates: int, warmup_ratio: float) -> Callable[[int], float]:
-    """The factor on the peak learning rate used by optimizer update ``k`` (0-based), for ``torch``'s ``LambdaLR``.
-
-    Warm-up: ``warmup = ceil(warmup_ratio * total_updates)`` updates with factor ``(k + 1) / warmup``, so the first
-    update already moves the weights (HF's ``k / warmup`` spends update 0 at lr 0) and update ``warmup - 1`` runs
-    at the peak. Then, with ``d = (k - warmup) / (total_updates - warmup)``: ``constant`` 1, ``linear`` ``1 - d``,
-    ``cosine`` ``(1 + cos(pi d)) / 2``. Past ``total_updates`` the factor stays at its final value, never negative.
-    """
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr schedule {schedule!r}; allowed: {list(LR_SCHEDULES)}")
-    if total_updates < 1:
-        raise ValueError(f"total_updates must be >= 1, got {total_updates}")
-    warmup = math.ceil(warmup_ratio * total_updates)
-    decay = max(1, total_updates - warmup)
-
-    def factor(k: int) -> float:
-        if k < warmup:
-            return (k + 1) / warmup
-        d = min(1.0, (k - warmup) / decay)
-        if schedule == "linear":
-            return 1.0 - d
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * d))
-        return 1.0
-
-    return factor
 
 
 # ------------------------------------------------------------------------------------------ DeepSpeed set-up

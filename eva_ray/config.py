@@ -28,6 +28,8 @@ from eva_ray.evolve.curriculum import OPERATORS as CURRICULUM_OPERATORS
 from eva_ray.evolve.operators import STYLES, validate_operators
 from eva_ray.informativeness import DEFAULT_METRIC, METRICS
 from eva_ray.losses import LOSSES, get_loss
+from eva_ray.losses.choices import AGGREGATIONS, CORRECTIONS, DPO_LOSS_TYPES, KL_ESTIMATOR_NAMES, KL_MODES
+from eva_ray.lr_schedule import LR_SCHEDULES
 from eva_ray.sampling import SAMPLING_MODES
 from eva_ray.worlds import WORLDS
 
@@ -194,15 +196,15 @@ class SolverConfig:
                           "DPO on best-vs-worst pairs).", choices=LOSSES.keys())
     n_responses: int = knob(4, "Responses sampled per prompt (both algorithms need at least 2).", ge=2)
     beta: float = knob(0.05, "KL coefficient (RLOO) or DPO beta (OAIF).", ge=0)
-    kl_estimator: str = knob("k1", "Per-token KL estimator.", choices=("k1", "k2", "k3"))
+    kl_estimator: str = knob("k1", "Per-token KL estimator.", choices=KL_ESTIMATOR_NAMES)
     kl_mode: str = knob("reward", "RLOO: subtract the KL from the reward, or add it to the loss.",
-                        choices=("reward", "loss"))
+                        choices=KL_MODES)
     aggregation: str = knob("sequence", "RLOO: REINFORCE on sequence log-probs, or a per-token objective.",
-                            choices=("sequence", "token"))
+                            choices=AGGREGATIONS)
     clip_eps: float | None = knob(None, "Ratio clipping for several updates per batch (PPO-style); off if unset.",
                                   gt=0)
     updates_per_batch: int = knob(1, "Optimizer passes over each rollout batch.", ge=1)
-    dpo_loss: str = knob("sigmoid", "OAIF loss.", choices=("sigmoid", "ipo"))
+    dpo_loss: str = knob("sigmoid", "OAIF loss.", choices=DPO_LOSS_TYPES)
     skip_zero_advantage: bool = knob(True, "Skip the optimizer step when no prompt has any reward spread.")
 
 
@@ -248,7 +250,7 @@ class LearnerConfig:
     zero_stage: int = knob(2, "DeepSpeed ZeRO stage.", choices=(0, 1, 2, 3))
     lr: float = knob(5e-7, "Peak learning rate (paper: 5e-7).", gt=0)
     lr_schedule: str = knob("cosine", "Learning-rate schedule after warm-up.",
-                            choices=("constant", "linear", "cosine"))
+                            choices=LR_SCHEDULES)
     warmup_ratio: float = knob(0.1, "Share of total_steps spent warming the learning rate up (paper: 0.1).",
                                ge=0, le=1)
     weight_decay: float = knob(0.0, "AdamW weight decay.", ge=0)
@@ -267,7 +269,7 @@ class LearnerConfig:
     off_policy_correction: str = knob("auto", "Importance weights for tokens of rollouts that lag the learner, from "
                                       "the rollout engine's log-probs: tis (truncated at is_cap), icepop (0 outside "
                                       "[icepop_low, icepop_high]) or none. auto: tis when run.overlap is in effect, "
-                                      "else none. RLOO only.", choices=("auto", "none", "tis", "icepop"))
+                                      "else none. RLOO only.", choices=("auto", *CORRECTIONS))
     is_cap: float = knob(2.0, "TIS: the largest importance weight.", gt=0)
     icepop_low: float = knob(0.5, "IcePop: tokens whose ratio is below this get weight 0.", ge=0, le=1)
     icepop_high: float = knob(2.0, "IcePop: tokens whose ratio is above this get weight 0.", ge=1)

@@ -28,8 +28,8 @@ register_loss(LossSpec("oaif", "eva_ray.losses.dpo:oaif_loss", view="pairs", uni
 
 # The tensor functions, by the module that holds them (imported when first asked for, so torch loads only then).
 _LAZY: dict[str, str] = {
-    "DPO_LOSS_TYPES": "dpo", "dpo_loss": "dpo", "oaif_loss": "dpo", "select_preference_pairs": "dpo",
-    "AGGREGATIONS": "rloo", "KL_MODES": "rloo", "rloo_advantages": "rloo", "rloo_loss": "rloo",
+    "DPO_LOSS_TYPES": "choices", "dpo_loss": "dpo", "oaif_loss": "dpo", "select_preference_pairs": "dpo",
+    "AGGREGATIONS": "choices", "KL_MODES": "choices", "rloo_advantages": "rloo", "rloo_loss": "rloo",
     "KL_ESTIMATORS": "logprobs", "entropy_from_logits": "logprobs", "kl_estimate": "logprobs",
     "masked_mean": "logprobs", "masked_sum": "logprobs", "safe_mean": "logprobs", "sequence_logprobs": "logprobs",
     "token_logprobs": "logprobs",
