@@ -1,7 +1,7 @@
 """Extension points used from outside the project: a plug-in registered by test code alone runs in a real run.
 
-Each test registers its plug-in here (no project file is edited), runs a few inline steps of the default chain_sum
-run with it, and removes it again.
+Each test registers its plug-in here (no project file is edited), runs a few inline steps of a tiny run with it,
+and removes it again.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 
 from eva_ray.config import load_config
-from launch.cli import DEFAULT_RUN
 from launch.driver import run
 
-# A few steps of the default run: the shipped 1M-parameter chain_sum solver, no LLM, seconds per step.
-SHORT_RUN = ["run.total_steps=3", "world.seed_size=60", "world.eval_per_level=2", "creator.capacity=16",
-             "logging.eval_every=100", "logging.progress=false"]
+# A few steps of the tiny CPU run (2-layer models, a reward model with spread in every group), prompts from D only:
+# what a plug-in changes is the step, not the curriculum.
+SHORT_RUN = ["run.total_steps=3", "evolve.method=none", "logging.eval_every=100", "logging.progress=false"]
 
 
 def _rows(run_dir):
@@ -48,15 +47,16 @@ def toy_loss():
 
 
 @pytest.mark.slow
-def test_a_loss_registered_from_outside_trains_a_real_run(toy_loss, tmp_path, monkeypatch):
+def test_a_loss_registered_from_outside_trains_a_real_run(toy_loss, tmp_path, tiny_cache, monkeypatch):
+    monkeypatch.setenv("EVA_RAY_CACHE", str(tiny_cache))
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = load_config(DEFAULT_RUN, [f"run.output_dir={tmp_path}", "solver.algorithm=toy", *SHORT_RUN])
+    cfg = load_config("configs/tiny.yaml", [f"run.output_dir={tmp_path}", "solver.algorithm=toy", *SHORT_RUN])
     summary = run(cfg, inline=True, echo=lambda line: None)
     assert summary.steps_done == 3 and summary.error is None
     rows = [r for r in _rows(summary.run_dir) if "train/loss" in r]
     assert rows and all("train/toy_advantage_abs" in r for r in rows)  # the loss's own stats are logged
     assert not any("train/kl" in r for r in rows)  # reference "never": no reference model, no KL
-    # The learner called it on whole groups (8 prompts x n_responses) with the configured beta and no reference.
+    # The learner called it on whole groups (n_responses each) with the configured beta and no reference.
     groups = {c["rewards"] for c in toy_loss}
     assert groups and all(n == cfg.solver.n_responses for _, n in groups)
     assert all(c["ref"] is None and c["beta"] == cfg.solver.beta for c in toy_loss)
