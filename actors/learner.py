@@ -14,12 +14,13 @@ A plain class: Ray wraps it at launch (``ray.remote(Learner)``); tests and singl
 One ``train_step``:
 
 1. Skip (``train/skipped=1``, weights and Adam state untouched) when no prompt group has reward spread and
-   ``solver.skip_zero_advantage`` is set, or always for OAIF (no pair, nothing to learn). Adam keeps moving the
-   weights on a zero or KL-only gradient through its momentum; on a tiny model that collapsed the policy
-   (notes/proving-ground-feasibility.md).
-2. OAIF keeps only the best and worst response of each prompt (``select_pairs``): the policy and the reference
-   model then run on 2 responses per prompt instead of N.
-3. Reference log-probs, once (no grad). With RLOO and ``beta == 0`` there is no reference model at all.
+   ``solver.skip_zero_advantage`` is set, or always for a loss on pairs (OAIF: no pair, nothing to learn). Adam
+   keeps moving the weights on a zero or KL-only gradient through its momentum, which can collapse a small policy.
+2. The loss's spec (:mod:`eva_ray.losses.registry`) picks the batch view: OAIF's ``"pairs"`` keeps only the best
+   and worst response of each prompt (``select_pairs``), so the policy and the reference model run on 2 responses
+   per prompt instead of N.
+3. Reference log-probs, once (no grad), when the spec needs the reference at this beta (RLOO at ``beta == 0``
+   has no reference model at all).
 4. ``solver.updates_per_batch`` optimizer updates. Micro-batches of whole prompt groups run forward/backward, each
    loss weighted by its share of the batch (``eva_ray.batching.share``: exact for these per-group losses), and one
    ``engine.step()``. With one update per batch (the usual case) that is the whole step: the metrics come from the
@@ -37,225 +38,42 @@ One ``train_step``:
    optimizer updates; the LR schedule counts updates too, skipped ones included, so it stays keyed to the
    driver's step.
 
-Process-wide state, restored when the last learner closes: the torch.distributed group (created with gloo or NCCL
-from MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, each set only if absent), torch's ``sys.excepthook`` wrapper,
-and ZeRO-3's replacement of ``torch.nn.functional.linear``. transformers' global HfDeepSpeedConfig lives only while
-a ZeRO-3 policy is being built.
-
-DeepSpeed on CPU (measured here, deepspeed 0.19.8): ZeRO 0, 2 and 3 train under gloo with a client
-``torch.optim.AdamW``. The first ``TorchBackend`` would compile a shared-memory comm op (``build_shm_op`` in
-``deepspeed.comm.torch``, about 60 s, g++ and ninja); the learner replaces that function with one returning None
-before DeepSpeed builds its backend, and never uses DeepSpeed's own (compiled) optimizers.
+The modules beside this one hold the rest of the learner: ``learner_setup`` (DeepSpeed, the process group and the
+process-wide state a learner sets and undoes, models, optimizer), ``learner_weights`` (weight export and the weight
+channel) and ``learner_checkpoint`` (resumable checkpoints).
 """
 
 from __future__ import annotations
 
 import gc
-import importlib
-import logging
 import math
-import os
-import socket
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from actors.weight_channel import ChannelSpec, WeightChannel, collective, host_store, send
-from eva_ray.batching import TrainBatch, groups_with_spread, micro_batches, right_pad, select_pairs, share_units
+from actors.learner_checkpoint import CheckpointIO
+from actors.learner_setup import (CreatedGroup, _ds_config, _forward_parameters, _import_deepspeed, _load_causal_lm,
+                                  _make_optimizer, _param_groups, _reference_ds_config, _restore_linear,
+                                  join_process_group, leave_process_group)
+from actors.learner_weights import WeightExport
+from actors.weight_channel import ChannelSpec, WeightChannel
+from eva_ray.batching import TrainBatch, batch_view, groups_with_spread, micro_batches, right_pad, share_units
 from eva_ray.config import LearnerConfig, ModelConfig, SolverConfig
-from eva_ray.losses import entropy_from_logits, get_policy_loss, kl_estimate, masked_mean, token_logprobs
+from eva_ray.dtypes import COMPUTE_DTYPES, torch_dtypes
+from eva_ray.losses import entropy_from_logits, get_loss, kl_estimate, masked_mean, token_logprobs
 from eva_ray.losses.off_policy import Correction, importance_weights
+from eva_ray.lr_schedule import lr_multiplier
 from eva_ray.metrics import reduce_rank_metrics, weighted_means
-from eva_ray.weights import fingerprint, spec_of
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LR_SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
-
-# Environment a single-process torch.distributed group needs; set only when absent (a launcher sets its own).
-_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-
-
-# ------------------------------------------------------------------------------------------------ LR schedule
-
-
-def lr_multiplier(schedule: str, total_updates: int, warmup_ratio: float) -> Callable[[int], float]:
-    """The factor on the peak learning rate used by optimizer update ``k`` (0-based), for ``torch``'s ``LambdaLR``.
-
-    Warm-up: ``warmup = ceil(warmup_ratio * total_updates)`` updates with factor ``(k + 1) / warmup``, so the first
-    update already moves the weights (HF's ``k / warmup`` spends update 0 at lr 0) and update ``warmup - 1`` runs
-    at the peak. Then, with ``d = (k - warmup) / (total_updates - warmup)``: ``constant`` 1, ``linear`` ``1 - d``,
-    ``cosine`` ``(1 + cos(pi d)) / 2``. Past ``total_updates`` the factor stays at its final value, never negative.
-    """
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr schedule {schedule!r}; allowed: {list(LR_SCHEDULES)}")
-    if total_updates < 1:
-        raise ValueError(f"total_updates must be >= 1, got {total_updates}")
-    warmup = math.ceil(warmup_ratio * total_updates)
-    decay = max(1, total_updates - warmup)
-
-    def factor(k: int) -> float:
-        if k < warmup:
-            return (k + 1) / warmup
-        d = min(1.0, (k - warmup) / decay)
-        if schedule == "linear":
-            return 1.0 - d
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * d))
-        return 1.0
-
-    return factor
-
-
-# ------------------------------------------------------------------------------------------ DeepSpeed set-up
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _import_deepspeed(device: torch.device) -> Any:
-    """Import DeepSpeed with the shared-memory comm op disabled.
-
-    ``deepspeed.comm.torch.TorchBackend.__init__`` calls the module-level ``build_shm_op()``, which JIT-compiles a
-    C++ extension on CPU (about 60 s, needs g++/ninja) for an intra-node all-reduce a single learner never needs.
-    Replacing the module attribute (it is looked up at call time) before any backend exists skips the build; gloo
-    does the collectives.
-    """
-    if device.type == "cpu" and "deepspeed" not in sys.modules and torch.cuda.is_available():
-        # DeepSpeed picks its accelerator once, at first import; a CPU learner on a GPU machine must say so first.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    comm_torch = importlib.import_module("deepspeed.comm.torch")
-    comm_torch.build_shm_op = lambda: None
-    import deepspeed
-
-    # DeepSpeed logs every engine detail at INFO; a driver printing one line per step drowns in it.
-    deepspeed.utils.logger.setLevel(logging.WARNING)
-    return deepspeed
-
-
-# torch.distributed has one default group per process. Learners that find none create it and share it; the last
-# of them to close destroys it (and removes the environment it set), so a later learner in the same process (tests
-# build several) starts clean. A group someone else created (a launcher, torchrun) is used and never destroyed.
-_GROUP: dict[str, Any] = {"users": 0, "env": [], "zero3": 0, "excepthook": None}
-
-
-def _acquire_process_group(deepspeed: Any, device: torch.device) -> bool:
-    """Join or create the default process group; True when this learner counts as a user of a group we created."""
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)  # wraps the existing group in DeepSpeed's backend
-        if _GROUP["users"]:
-            _GROUP["users"] += 1
-            return True
-        return False
-    defaults = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
-                "LOCAL_RANK": "0"}
-    added = [key for key in _DIST_ENV if key not in os.environ]
-    for key in added:
-        os.environ[key] = defaults[key]
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    # init_process_group wraps sys.excepthook (to prefix "[rank0]: ") and destroy_process_group never unwraps it:
-    # keep the original so that creating learners again and again does not nest the prefix.
-    _GROUP["excepthook"] = sys.excepthook
-    deepspeed.init_distributed(dist_backend=backend)
-    _GROUP.update(users=1, env=added)
-    return True
-
-
-def _release_process_group() -> None:
-    _GROUP["users"] -= 1
-    if _GROUP["users"] > 0:
-        return
-    import deepspeed.comm as ds_comm
-
-    if torch.distributed.is_initialized():
-        ds_comm.destroy_process_group()
-    for key in _GROUP["env"]:
-        os.environ.pop(key, None)
-    if _GROUP["excepthook"] is not None:
-        sys.excepthook = _GROUP["excepthook"]
-    _GROUP.update(users=0, env=[], excepthook=None)
-
-
-def _restore_linear() -> None:
-    """Undo ZeRO-3's process-wide ``torch.nn.functional.linear`` replacement.
-
-    ``zero.Init`` swaps in its own linear (so partitioned weights can be gathered) and leaves it there "unless
-    manually reset". Once no ZeRO-3 learner is alive, the rest of the process (an inline rollout worker, later
-    tests) gets the stock function back.
-    """
-    from deepspeed.runtime.zero.linear import zero3_linear_wrap
-    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as patcher
-
-    original = getattr(patcher, "linear_bk", None)
-    if original is not None and torch.nn.functional.linear is zero3_linear_wrap:
-        torch.nn.functional.linear = original
-
-
-def _zero_dropout(config: Any) -> None:
-    """Set every dropout probability in an HF config to 0.
-
-    RL losses compare log-probs of the same tokens across passes (old vs new, reference vs policy); dropout would
-    make the ratio of identical weights differ from 1 and the no-grad NaN check differ from the update it guards.
-    """
-    for key, value in list(vars(config).items()):
-        if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
-            setattr(config, key, 0.0)
-
-
-def _load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    _zero_dropout(config)
-    config.use_cache = False  # training never decodes; a KV cache would only cost memory
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
-                                                 trust_remote_code=trust_remote_code)
-    for module in model.modules():  # dropout hard-coded in a module rather than read from the config
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model
-
-
-def _make_optimizer(groups: list[dict[str, Any]], cfg: LearnerConfig) -> torch.optim.Optimizer:
-    """AdamW: torch's, or DeepSpeed's CPU Adam when the optimizer state is offloaded.
-
-    With ``offload_optimizer`` the update runs on the CPU, where torch's AdamW would cost seconds per billion
-    parameters; DeepSpeed's SIMD CPU Adam is the one ZeRO-Offload is built for. It compiles a C++ extension the
-    first time (about a minute, needs g++ and ninja), which is why nothing else uses it.
-    """
-    if cfg.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=cfg.lr, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases and norm gains (1-D tensors), as usual for transformers."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if not param.requires_grad:
-            continue
-        # Under ZeRO-3 a partitioned parameter has an empty .shape; its real shape is ds_shape.
-        shape = getattr(param, "ds_shape", param.shape)
-        (no_decay if len(shape) <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # DeepSpeed drops empty groups from the optimizer after the LR scheduler has counted them: drop them first.
-    return [g for g in groups if g["params"]]
+DTYPES: dict[str, torch.dtype] = torch_dtypes(COMPUTE_DTYPES)
 
 
 # ------------------------------------------------------------------------------------------------------ learner
 
 
-class Learner:
+class Learner(WeightExport, CheckpointIO):
     """The solver policy under DeepSpeed (ZeRO 0-3), its frozen reference model, and the RLOO / OAIF update.
 
     Args:
@@ -278,8 +96,9 @@ class Learner:
                  temperature: float = 1.0) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        if solver.algorithm == "oaif" and not solver.beta > 0:
-            raise ValueError(f"solver.beta: {solver.beta} with solver.algorithm 'oaif'; DPO needs beta > 0")
+        spec = get_loss(solver.algorithm)
+        if (problem := spec.check_beta(solver.beta)) is not None:
+            raise ValueError(problem)
         if model.dtype not in DTYPES:
             raise ValueError(f"model.dtype: {model.dtype!r}; allowed: {', '.join(DTYPES)}")
         if not temperature > 0:
@@ -288,19 +107,21 @@ class Learner:
         self.model_path = model_path
         self.temperature = float(temperature)
         self.total_updates = total_steps * solver.updates_per_batch
-        self._loss_fn = get_policy_loss(solver.algorithm)
-        # RLOO uses the importance ratio pi / pi_old only when one batch gets several updates. With one update the
+        self._spec = spec
+        self._loss_fn = spec.loss_fn
+        self._loss_options = spec.options_for(solver)
+        # The importance ratio pi / pi_old is used only when one batch gets several updates. With one update the
         # ratio is exactly 1 and its gradient equals REINFORCE's, but its value would make train/loss read
         # -mean(A) = 0 every step; the plain -mean(A * log pi) keeps a loss that falls as the policy learns.
-        self._use_ratio = solver.algorithm == "rloo" and solver.updates_per_batch > 1
+        self._use_ratio = spec.ratio and solver.updates_per_batch > 1
         # "auto" is resolved by the driver (TIS when rollout overlaps training); a learner built directly has no lag
         # to correct unless asked.
         method = learner.off_policy_correction if learner.off_policy_correction != "auto" else "none"
-        self._correction = Correction(method if solver.algorithm == "rloo" else "none", cap=learner.is_cap,
+        self._correction = Correction(method if spec.importance_weights else "none", cap=learner.is_cap,
                                       low=learner.icepop_low, high=learner.icepop_high)
         self._version = 0
         self._closed = False
-        self._owns_group = False
+        self._created_group: CreatedGroup | None = None
         self._channel: WeightChannel | None = None
         self._channel_store: Any = None
         self._channel_spec: ChannelSpec | None = None
@@ -310,11 +131,11 @@ class Learner:
 
         deepspeed = _import_deepspeed(requested)
         self._deepspeed = deepspeed
-        self._owns_group = _acquire_process_group(deepspeed, requested)
+        self._created_group = join_process_group(deepspeed, requested)
         self._rank = torch.distributed.get_rank()
         self._world = torch.distributed.get_world_size()
         dtype = DTYPES[model.dtype]
-        ds_config = self._ds_config(dtype)
+        ds_config = _ds_config(learner, dtype)
 
         self._hf_ds_config: Any = None
         try:
@@ -329,13 +150,12 @@ class Learner:
                 from transformers.integrations import HfDeepSpeedConfig
 
                 self._hf_ds_config = HfDeepSpeedConfig(ds_config)
-                _GROUP["zero3"] += 1
                 # The reference is partitioned over the ranks like the policy (an inference-only engine), never a
                 # full copy per rank.
                 reference = self._load_reference(model.reference or model_path, dtype)
                 if reference is not None:
                     self.reference = deepspeed.initialize(model=reference,
-                                                          config=self._reference_ds_config(ds_config))[0]
+                                                          config=_reference_ds_config(ds_config))[0]
                     self.reference.eval()
             policy = _load_causal_lm(model_path, dtype, model.trust_remote_code)
             if learner.gradient_checkpointing:
@@ -362,45 +182,17 @@ class Learner:
             self.reference.to(self.device)
 
     def _load_reference(self, path: str, dtype: torch.dtype) -> torch.nn.Module | None:
-        """The frozen reference model, or None when the loss never reads it (RLOO with ``beta == 0``).
+        """The frozen reference model, or None when the loss never reads it (e.g. RLOO with ``beta == 0``).
 
         Under ZeRO 0-2 a plain replicated module in eval mode without gradients, loaded *before* any
         HfDeepSpeedConfig exists (while one is alive, every from_pretrained in the process builds a
         ZeRO-3-partitioned model, which only a DeepSpeed engine can run). Under ZeRO-3 it is loaded while one is
         alive and wrapped in an inference engine, so it is partitioned over the ranks.
         """
-        if self.solver.algorithm == "rloo" and self.solver.beta == 0:
+        if not self._spec.needs_reference(self.solver.beta):
             return None
         reference = _load_causal_lm(path, dtype, self.model_cfg.trust_remote_code)
         return reference.requires_grad_(False).eval()
-
-    def _zero_config(self) -> dict[str, Any]:
-        zero: dict[str, Any] = {"stage": self.cfg.zero_stage}
-        if self.cfg.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if self.cfg.offload_params:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-        return zero
-
-    @staticmethod
-    def _reference_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
-        """The policy's DeepSpeed config for an engine that only runs forward passes (no optimizer, no clipping)."""
-        return {k: v for k, v in ds_config.items() if k not in ("gradient_clipping", "zero_allow_untested_optimizer")}
-
-    def _ds_config(self, dtype: torch.dtype) -> dict[str, Any]:
-        return {
-            "train_micro_batch_size_per_gpu": self.cfg.micro_batch_size,
-            # The learner owns accumulation: the number of micro-batches varies with the batch, each loss arrives
-            # already weighted by its share of the batch, and the boundary is set by hand on the last one.
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": self.cfg.grad_clip,
-            "zero_optimization": self._zero_config(),
-            "bf16": {"enabled": dtype == torch.bfloat16, "check_grad_overflow": True},
-            "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2**31 - 1,
-            "wall_clock_breakdown": False,
-        }
 
     # ------------------------------------------------------------------------------------------ properties
 
@@ -469,14 +261,14 @@ class Learner:
     def _loss(self, logprobs: torch.Tensor, ref: torch.Tensor | None, old: torch.Tensor | None,
               batch: TrainBatch, is_weights: tuple[torch.Tensor | None, dict[str, torch.Tensor]] = (None, {}),
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        s = self.solver
-        mask = batch.response_token_mask
-        if s.algorithm == "oaif":
-            return self._loss_fn(logprobs, ref, mask, batch.rewards, beta=s.beta, loss_type=s.dpo_loss)
+        kwargs = dict(self._loss_options)
+        if self._spec.ratio:
+            kwargs.update(old_logprobs=old, clip_eps=self.solver.clip_eps)
         weights, is_stats = is_weights
-        loss, stats = self._loss_fn(logprobs, ref, mask, batch.rewards, beta=s.beta, kl_estimator=s.kl_estimator,
-                                    kl_mode=s.kl_mode, aggregation=s.aggregation, old_logprobs=old,
-                                    clip_eps=s.clip_eps, is_weights=weights)
+        if self._spec.importance_weights:
+            kwargs["is_weights"] = weights
+        loss, stats = self._loss_fn(logprobs, ref, batch.response_token_mask, batch.rewards, beta=self.solver.beta,
+                                    **kwargs)
         return loss, stats | is_stats
 
     # ------------------------------------------------------------------------------------------ train step
@@ -518,14 +310,14 @@ class Learner:
         }
         weights = {"prompts": float(batch.num_prompts * real), "rewards": float(finite.sum()),
                    "sequences": float(batch.num_sequences * real), "units": 0.0}
-        if not self._any_rank(bool(spread.any())) and (s.skip_zero_advantage or s.algorithm == "oaif"):
+        if not self._any_rank(bool(spread.any())) and (s.skip_zero_advantage or self._spec.needs_spread):
             # Nothing in the rewards to learn from. The schedule still advances, so the LR stays keyed to the
             # driver's step count rather than to the number of batches that happened to carry a signal.
             self._advance_schedule(s.updates_per_batch)
             return self._finish(metrics, weights, start)
 
-        full = (select_pairs(batch) if s.algorithm == "oaif" else batch).to(self.device)
-        unit = "group" if s.algorithm == "oaif" else s.aggregation
+        full = batch_view(batch, self._spec.view).to(self.device)
+        unit = self._spec.unit_for(s)
         micros = micro_batches(full, self.cfg.micro_batch_size)
         # A padding rank computes on its filler group like any other, but with nothing of its own to weigh.
         local_units = share_units(full, unit) if real else 0.0
@@ -688,209 +480,10 @@ class Learner:
         torch.distributed.all_gather_object(gathered, (metrics, weights))
         return reduce_rank_metrics(gathered)
 
-    # ---------------------------------------------------------------------------------------------- weights
-
-    @contextmanager
-    def _gathered(self, param: torch.nn.Parameter) -> Iterator[torch.Tensor]:
-        """The full tensor of ``param`` (ZeRO-3: gathered from every rank for the duration of the block)."""
-        if hasattr(param, "ds_id"):
-            with self._deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                yield param.data
-        else:
-            yield param.data
-
-    def _weight_entries(self) -> Iterator[tuple[list[str], torch.Tensor]]:
-        """``(names, tensor)`` per parameter (``state_dict`` order), then per persistent buffer; nothing gathered."""
-        module = self.engine.module
-        keys = list(module.state_dict(keep_vars=True).keys())
-        key_set = set(keys)
-        by_param: dict[int, list[str]] = {}
-        params: dict[int, torch.nn.Parameter] = {}
-        for name, param in module.named_parameters(remove_duplicate=False):
-            if name in key_set:
-                by_param.setdefault(id(param), []).append(name)
-                params[id(param)] = param
-        order = {name: i for i, name in enumerate(keys)}
-        for pid in sorted(by_param, key=lambda p: order[by_param[p][0]]):
-            yield by_param[pid], params[pid]
-        param_names = {n for names in by_param.values() for n in names}
-        for name, buf in module.named_buffers():
-            if name in key_set and name not in param_names:
-                yield [name], buf
-
-    def iter_weights(self) -> Iterator[tuple[list[str], torch.Tensor]]:
-        """Yield ``(names, tensor)`` per parameter (in ``state_dict`` order), then per persistent buffer.
-
-        ``names`` lists every ``state_dict`` key of the tensor (tied weights, e.g. an LM head sharing the embedding,
-        appear once with both names). Under ZeRO-3 the tensor is gathered only while the consumer holds it: use it
-        (copy, broadcast) before advancing. A collective under ZeRO-3: every rank must iterate.
-        """
-        for names, tensor in self._weight_entries():
-            if isinstance(tensor, torch.nn.Parameter):
-                with self._gathered(tensor) as full:
-                    yield names, full
-            else:
-                yield names, tensor
-
-    def weights_fingerprint(self) -> list[float]:
-        """:func:`eva_ray.weights.fingerprint` of what :meth:`iter_weights` yields (a collective under ZeRO-3)."""
-        return fingerprint(tensor for _, tensor in self.iter_weights())
-
-    def weight_manifest(self) -> list[list]:
-        """Names, full shapes and dtypes of what :meth:`iter_weights` yields, in order, without gathering anything."""
-        return [spec_of(names, t, getattr(t, "ds_shape", None)).as_list() for names, t in self._weight_entries()]
-
-    # ------------------------------------------------------------------------------------------ weight channel
-
-    def open_weight_channel(self, host: str, world_size: int, *, bucket_bytes: int, timeout_s: float,
-                            backend: str = "auto") -> dict[str, Any]:
-        """Host the channel's rendezvous on ``host`` and return its spec for the receivers (see ``join``).
-
-        ``backend`` ``auto``: NCCL when the learner computes on a GPU, else gloo.
-        """
-        if backend == "auto":
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-        self._close_channel()
-        self._channel_store, port = host_store(host, world_size, timeout_s)
-        spec = ChannelSpec(host=host, port=port, world_size=world_size, backend=backend, bucket_bytes=bucket_bytes,
-                           timeout_s=timeout_s, manifest=tuple(tuple(x) for x in self.weight_manifest()))
-        self._channel_spec = spec
-        return spec.as_dict()
-
-    @collective
-    def join_weight_channel(self) -> None:
-        """Rank 0 joins the channel opened by :meth:`open_weight_channel`; returns once every receiver joined."""
-        if self._channel_spec is None:
-            raise RuntimeError("join_weight_channel before open_weight_channel")
-        self._channel = WeightChannel(self._channel_spec, 0, store=self._channel_store)
-
-    @collective
-    def push_weights(self) -> dict[str, float]:
-        """Broadcast the current policy, bucket by bucket, to every receiver; returns the sync's stats."""
-        if self._rank != 0:
-            # ZeRO-3 gathers each parameter from every rank: the other ranks take part, rank 0 sends.
-            for _ in self.iter_weights():
-                pass
-            return {"version": self._version, "buckets": 0, "bytes": 0, "seconds": 0.0}
-        if self._channel is None:
-            raise RuntimeError("push_weights without a weight channel (open_weight_channel, join_weight_channel)")
-        return send(self._channel, self._version, self.iter_weights()).as_dict()
-
-    def _close_channel(self) -> None:
-        channel, self._channel = self._channel, None
-        if channel is not None:
-            channel.close()
-        self._channel_store = None
-        self._channel_spec = None
-
-    def get_weights(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """``(version, state_dict)``: the current policy's full weights on the CPU, keyed like HF's ``state_dict``.
-
-        Tied aliases share one CPU tensor. The tensors have the dtype the policy computes in (bf16 under bf16).
-        Loads into a fresh model of the same architecture with ``load_state_dict(strict=True)``. Under ZeRO-3 every
-        rank must call it; ranks other than 0 return an empty dict.
-        """
-        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        state: dict[str, torch.Tensor] = {}
-        for names, tensor in self.iter_weights():
-            if rank0:
-                # copy=True: on the CPU .to("cpu") would return the engine's own storage, which the next step
-                # overwrites in place.
-                cpu = tensor.detach().to("cpu", copy=True)
-                for name in names:
-                    state[name] = cpu
-        return self._version, state
-
-    def distance_from_reference(self) -> float:
-        """L2 norm of ``policy - reference`` over all parameters (0.0 until the first update).
-
-        The reference is the frozen reference model (``model.reference``, else the starting weights). With RLOO at
-        ``beta == 0`` no reference is kept, so the starting weights are read from ``model_path`` for this call.
-        Under ZeRO-3 a collective, like :meth:`get_weights`.
-        """
-        reference = self.reference
-        if reference is None:
-            reference = _load_causal_lm(self.model_path, DTYPES[self.model_cfg.dtype], self.model_cfg.trust_remote_code)
-        module = getattr(reference, "module", reference)  # the ZeRO-3 reference is an engine
-        ref_params = dict(module.named_parameters(remove_duplicate=False))
-        total = 0.0
-        for names, tensor in self.iter_weights():
-            ref = ref_params.get(names[0])
-            if ref is not None:
-                with self._gathered(ref) as full:
-                    total += (tensor.float() - full.detach().to(tensor.device).float()).square().sum().item()
-        return math.sqrt(total)
-
-    def save(self, path: str) -> None:
-        """Write the current policy (HF ``save_pretrained``) and its tokenizer to ``path`` (rank 0 writes)."""
-        from transformers import AutoTokenizer
-
-        _, state = self.get_weights()
-        if not state:
-            return
-        self.engine.module.save_pretrained(path, state_dict=state)
-        tokenizer_path = self.model_cfg.tokenizer or self.model_path
-        AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=self.model_cfg.trust_remote_code
-                                      ).save_pretrained(path)
-
-    # ------------------------------------------------------------------------------------------ checkpoints
-
-    def save_checkpoint(self, path: str) -> dict[str, Any]:
-        """Write a resumable checkpoint to the folder ``path``: weights, optimizer, LR schedule (DeepSpeed's own
-        ``save_checkpoint``), and the version and RNG state (``learner.json``, written by rank 0 only).
-
-        A collective: every rank calls it with the same ``path`` (a folder all ranks can reach). Returns the version
-        saved and the bytes rank 0 sees under ``path``.
-        """
-        if self._closed:
-            raise RuntimeError("save_checkpoint on a closed learner")
-        from pathlib import Path
-
-        from eva_ray.atomic import write_json
-
-        folder = Path(path)
-        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        if rank0:
-            folder.mkdir(parents=True, exist_ok=True)
-        self.engine.save_checkpoint(str(folder), tag=_CHECKPOINT_TAG, save_latest=False)
-        if rank0:
-            state = {"version": self._version, "torch_rng": _b64(torch.get_rng_state()),
-                     "cuda_rng": _b64(torch.cuda.get_rng_state()) if self.device.type == "cuda" else None}
-            write_json(folder / _LEARNER_STATE, state)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # no rank reports the checkpoint written before rank 0's state is there
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if rank0 else 0
-        return {"version": self._version, "bytes": size}
-
-    def load_checkpoint(self, path: str) -> int:
-        """Continue from a checkpoint :meth:`save_checkpoint` wrote (into a learner built with the same config).
-
-        A collective, like saving. Restores weights, optimizer and LR schedule and the version; returns the version.
-        """
-        if self._closed:
-            raise RuntimeError("load_checkpoint on a closed learner")
-        import json
-        from pathlib import Path
-
-        folder = Path(path)
-        state_file = folder / _LEARNER_STATE
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{folder} is not a learner checkpoint (no {_LEARNER_STATE})")
-        load_path, _ = self.engine.load_checkpoint(str(folder), tag=_CHECKPOINT_TAG, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint under {folder} (tag {_CHECKPOINT_TAG})")
-        state = json.loads(state_file.read_text())
-        self._version = int(state["version"])
-        torch.set_rng_state(_unb64(state["torch_rng"]))
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(_unb64(state["cuda_rng"]))
-        return self._version
-
     # ----------------------------------------------------------------------------------------------- close
 
     def close(self) -> None:
-        """Free the engine and the reference model; destroy the process group if learners created it. Idempotent."""
+        """Free the engine and the reference model; destroy the process group if this learner created it. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -911,31 +504,7 @@ class Learner:
     def _release(self) -> None:
         if self._hf_ds_config is not None:
             self._hf_ds_config = None
-            _GROUP["zero3"] -= 1
-            if _GROUP["zero3"] == 0:
-                _restore_linear()
-        if self._owns_group:
-            self._owns_group = False
-            _release_process_group()
-
-
-def _forward_parameters(model: torch.nn.Module) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(model.forward).parameters)
-
-
-_CHECKPOINT_TAG = "deepspeed"
-_LEARNER_STATE = "learner.json"
-
-
-def _b64(tensor: torch.Tensor) -> str:
-    import base64
-
-    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode("ascii")
-
-
-def _unb64(text: str) -> torch.Tensor:
-    import base64
-
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+            _restore_linear()
+        created, self._created_group = self._created_group, None
+        if created is not None:
+            leave_process_group(created)

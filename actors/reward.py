@@ -41,10 +41,11 @@ from typing import Any
 
 import torch
 
+from eva_ray.dtypes import COMPUTE_DTYPES, torch_dtypes
 from eva_ray.records import PromptRecord
 
 BACKENDS: tuple[str, ...] = ("model", "pairwise", "function")
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = torch_dtypes(COMPUTE_DTYPES)
 PAIR_TEMPLATE = "<|source|>{prompt}\n<|candidate1|>{response_a}\n<|candidate2|>{response_b}"
 """Default text of a pairwise judgement (the shape PairRM reads); fields ``{prompt}``, ``{response_a}``,
 ``{response_b}``. Chat prompts are flattened to ``role: content`` lines."""

@@ -45,11 +45,12 @@ import torch
 from actors.hf_backend import HFBackend
 from actors.vllm_backend import VLLM_MISSING, VLLMBackend
 from actors.weight_channel import collective
+from eva_ray.dtypes import COMPUTE_DTYPES, torch_dtypes
 from eva_ray.records import PromptRecord
 from eva_ray.rollouts import Rollout, Sample, Sampling
 
 BACKENDS: tuple[str, ...] = ("hf", "vllm")
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = torch_dtypes(COMPUTE_DTYPES)
 __all__ = ["BACKENDS", "RolloutWorker", "VLLM_MISSING"]
 
 

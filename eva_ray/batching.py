@@ -30,13 +30,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from eva_ray.losses import select_preference_pairs
+from eva_ray.losses.registry import UNITS as SHARE_UNITS
+from eva_ray.losses.registry import VIEWS
 from eva_ray.rollouts import Rollout, shard
 
-__all__ = ["SHARE_UNITS", "TrainBatch", "collate", "groups_with_spread", "micro_batches", "right_pad",
-           "share_units", "split_groups",
-           "select_pairs", "share"]
-
-SHARE_UNITS: tuple[str, ...] = ("sequence", "token", "group")
+__all__ = ["SHARE_UNITS", "TrainBatch", "batch_view", "collate", "groups_with_spread", "micro_batches",
+           "right_pad", "share_units", "split_groups", "select_pairs", "share"]
 
 
 @dataclass(frozen=True)
@@ -255,6 +254,15 @@ def select_pairs(batch: TrainBatch) -> TrainBatch:
     pairs = replace(batch, rewards=pair_rewards, prompt_ids=tuple(batch.prompt_ids[g] for g in keep),
                     behaviour_logprobs=behaviour, **rows)
     return pairs.select_groups(range(len(keep)))  # trims the padding the dropped responses needed
+
+
+def batch_view(batch: TrainBatch, view: str) -> TrainBatch:
+    """The part of ``batch`` a loss trains on (its spec's ``view``): every group as it is, or :func:`select_pairs`."""
+    if view == "groups":
+        return batch
+    if view == "pairs":
+        return select_pairs(batch)
+    raise ValueError(f"unknown batch view {view!r}; allowed: {list(VIEWS)}")
 
 
 def micro_batches(batch: TrainBatch, size: int) -> list[TrainBatch]:

@@ -23,9 +23,13 @@ from typing import Any, Literal
 
 import yaml
 
+from eva_ray.dtypes import COMPUTE_DTYPES
 from eva_ray.evolve.methods import EVOLVE_METHODS
 from eva_ray.evolve.operators import STYLES
-from eva_ray.informativeness import METRICS
+from eva_ray.informativeness import DEFAULT_METRIC, METRICS
+from eva_ray.losses import LOSSES, get_loss
+from eva_ray.losses.choices import AGGREGATIONS, CORRECTIONS, DPO_LOSS_TYPES, KL_ESTIMATOR_NAMES, KL_MODES
+from eva_ray.lr_schedule import LR_SCHEDULES
 from eva_ray.sampling import SAMPLING_MODES
 from eva_ray.worlds import WORLDS, WorldParamError, get_world, make_world
 
@@ -81,7 +85,7 @@ class ModelConfig:
     path: str = knob("", "Policy model: a local Hugging Face folder or a hub id (the learner's starting weights).")
     tokenizer: str | None = knob(None, "Tokenizer folder; defaults to the model path.")
     reference: str | None = knob(None, "Frozen reference model for the KL term; defaults to the policy's start.")
-    dtype: str = knob("float32", "Weights dtype.", choices=("float32", "bfloat16", "float16"))
+    dtype: str = knob("float32", "Weights dtype.", choices=COMPUTE_DTYPES)
     trust_remote_code: bool = knob(False, "Allow the model's own Python code to run when loading it.")
 
 
@@ -130,7 +134,8 @@ class CreatorConfig:
     bootstrap_refill: bool = knob(False, "Bootstrap: evolve up to n_new children per parent while the buffer holds "
                                   "less than two minibatches after the pop, so rejected children cannot drain it "
                                   "(not in the paper, whose bootstrap starves a small buffer).")
-    metric: str = knob("a_avg", "Informativeness metric; the paper uses a_avg online and a_min offline.",
+    metric: str = knob(DEFAULT_METRIC["online"], "Informativeness metric; the paper uses a_avg online and a_min "
+                       "offline.",
                        choices=METRICS)
     sampling: str = knob("sample", "How buffer prompts are drawn: weighted without replacement, or top-k.",
                          choices=SAMPLING_MODES)
@@ -196,19 +201,20 @@ class EvolveConfig:
 
 @dataclass
 class SolverConfig:
-    algorithm: str = knob("rloo", "Policy update: RLOO, or OAIF (online DPO on best-vs-worst pairs).",
-                          choices=("rloo", "oaif"))
+    # LOSSES.keys() is a live view: a loss registered after this module was imported is a choice too.
+    algorithm: str = knob("rloo", "Policy update, a loss of the registry in eva_ray/losses: RLOO, or OAIF (online "
+                          "DPO on best-vs-worst pairs).", choices=LOSSES.keys())
     n_responses: int = knob(4, "Responses sampled per prompt (both algorithms need at least 2).", ge=2)
     beta: float = knob(0.05, "KL coefficient (RLOO) or DPO beta (OAIF).", ge=0)
-    kl_estimator: str = knob("k1", "Per-token KL estimator.", choices=("k1", "k2", "k3"))
+    kl_estimator: str = knob("k1", "Per-token KL estimator.", choices=KL_ESTIMATOR_NAMES)
     kl_mode: str = knob("reward", "RLOO: subtract the KL from the reward, or add it to the loss.",
-                        choices=("reward", "loss"))
+                        choices=KL_MODES)
     aggregation: str = knob("sequence", "RLOO: REINFORCE on sequence log-probs, or a per-token objective.",
-                            choices=("sequence", "token"))
+                            choices=AGGREGATIONS)
     clip_eps: float | None = knob(None, "Ratio clipping for several updates per batch (PPO-style); off if unset.",
                                   gt=0)
     updates_per_batch: int = knob(1, "Optimizer passes over each rollout batch.", ge=1)
-    dpo_loss: str = knob("sigmoid", "OAIF loss.", choices=("sigmoid", "ipo"))
+    dpo_loss: str = knob("sigmoid", "OAIF loss.", choices=DPO_LOSS_TYPES)
     skip_zero_advantage: bool = knob(True, "Skip the optimizer step when no prompt has any reward spread.")
 
 
@@ -254,7 +260,7 @@ class LearnerConfig:
     zero_stage: int = knob(2, "DeepSpeed ZeRO stage.", choices=(0, 1, 2, 3))
     lr: float = knob(5e-7, "Peak learning rate (paper: 5e-7).", gt=0)
     lr_schedule: str = knob("cosine", "Learning-rate schedule after warm-up.",
-                            choices=("constant", "linear", "cosine"))
+                            choices=LR_SCHEDULES)
     warmup_ratio: float = knob(0.1, "Share of total_steps spent warming the learning rate up (paper: 0.1).",
                                ge=0, le=1)
     weight_decay: float = knob(0.0, "AdamW weight decay.", ge=0)
@@ -273,7 +279,7 @@ class LearnerConfig:
     off_policy_correction: str = knob("auto", "Importance weights for tokens of rollouts that lag the learner, from "
                                       "the rollout engine's log-probs: tis (truncated at is_cap), icepop (0 outside "
                                       "[icepop_low, icepop_high]) or none. auto: tis when run.overlap is in effect, "
-                                      "else none. RLOO only.", choices=("auto", "none", "tis", "icepop"))
+                                      "else none. RLOO only.", choices=("auto", *CORRECTIONS))
     is_cap: float = knob(2.0, "TIS: the largest importance weight.", gt=0)
     icepop_low: float = knob(0.5, "IcePop: tokens whose ratio is below this get weight 0.", ge=0, le=1)
     icepop_high: float = knob(2.0, "IcePop: tokens whose ratio is above this get weight 0.", ge=1)
@@ -395,9 +401,13 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         problems.append(f"run.overlap: 'on' trains on rollouts {cfg.learner.sync_every} version(s) behind, more "
                         f"than learner.max_staleness {cfg.learner.max_staleness}; raise max_staleness or set "
                         "run.overlap to auto or off")
-    if cfg.learner.off_policy_correction in ("tis", "icepop") and cfg.solver.algorithm != "rloo":
-        problems.append(f"learner.off_policy_correction: {cfg.learner.off_policy_correction} weights RLOO's policy "
-                        f"gradient; solver.algorithm is {cfg.solver.algorithm} (set it to auto or none)")
+    loss = get_loss(cfg.solver.algorithm)
+    if (problem := loss.check_beta(cfg.solver.beta)) is not None:
+        problems.append(problem)
+    if cfg.learner.off_policy_correction in ("tis", "icepop") and not loss.importance_weights:
+        problems.append(f"learner.off_policy_correction: {cfg.learner.off_policy_correction} weights the policy "
+                        f"gradient of a loss that takes importance weights (RLOO); solver.algorithm "
+                        f"{cfg.solver.algorithm} takes none (set it to auto or none)")
     if cfg.solver.clip_eps is None and cfg.solver.updates_per_batch > 1:
         problems.append(f"solver.clip_eps: unset while solver.updates_per_batch is "
                         f"{cfg.solver.updates_per_batch}; several updates on one batch need ratio clipping")

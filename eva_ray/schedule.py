@@ -26,23 +26,28 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from eva_ray.config import CreatorConfig
+
 PHASES = ("warm-up", "mix-up", "bootstrap")
+
+
+_DEFAULTS = CreatorConfig()  # the config holds the defaults (the paper's online setting); this view repeats none
 
 
 @dataclass(frozen=True)
 class PhaseSettings:
-    """The knobs of the schedule (a view of ``CreatorConfig``)."""
+    """The knobs of the schedule (a view of ``CreatorConfig``, with its defaults)."""
 
-    batch_size: int = 8
-    capacity: int = 3200
-    n_new: int = 4
-    n_new_bootstrap: int = 2
-    ratio_evol: float = 0.5
-    top_fraction: float = 0.5
-    bootstrap_refill: bool = False
+    batch_size: int = _DEFAULTS.batch_size
+    capacity: int = _DEFAULTS.capacity
+    n_new: int = _DEFAULTS.n_new
+    n_new_bootstrap: int = _DEFAULTS.n_new_bootstrap
+    ratio_evol: float = _DEFAULTS.ratio_evol
+    top_fraction: float = _DEFAULTS.top_fraction
+    bootstrap_refill: bool = _DEFAULTS.bootstrap_refill
 
     @classmethod
-    def from_config(cls, creator_cfg) -> PhaseSettings:
+    def from_config(cls, creator_cfg: CreatorConfig) -> PhaseSettings:
         return cls(**{name: getattr(creator_cfg, name) for name in cls.__dataclass_fields__})
 
 

@@ -25,10 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
-    "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool,
-}
+from eva_ray.dtypes import TENSOR_DTYPES, torch_dtypes
+
+DTYPES: dict[str, torch.dtype] = torch_dtypes(TENSOR_DTYPES)
 """Dtypes a manifest may name (strings, because a torch.dtype does not survive every RPC serializer)."""
 
 ALIGN = 64

@@ -51,6 +51,7 @@ from eva_ray.batching import collate
 from eva_ray.config import Config, from_dict, read_yaml, to_dict, to_yaml
 from eva_ray.data import load_seed_prompts, split_seed_set
 from eva_ray.health import CreatorHealth
+from eva_ray.losses import get_loss
 from eva_ray.records import PromptRecord
 from eva_ray.rollouts import Rollout
 from eva_ray.tiny import resolve_model_path
@@ -271,7 +272,7 @@ def with_resolved_overlap(cfg: Config, *, inline: bool) -> Config:
         overlap = "on" if not inline and cfg.learner.max_staleness >= cfg.learner.sync_every else "off"
     correction = cfg.learner.off_policy_correction
     if correction == "auto":
-        correction = "tis" if overlap == "on" and cfg.solver.algorithm == "rloo" else "none"
+        correction = "tis" if overlap == "on" and get_loss(cfg.solver.algorithm).importance_weights else "none"
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, overlap=overlap),
                                learner=dataclasses.replace(cfg.learner, off_policy_correction=correction))
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from eva_ray import memory
 from eva_ray.config import Config
+from eva_ray.losses import get_loss
 from eva_ray.memory import GB, Estimate, LearnerSetup, ModelShape, ShapeError
 
 REPO_MODEL_SHAPES = Path(__file__).resolve().parents[1] / "configs" / "models"
@@ -208,7 +209,7 @@ def _whole_gpus(cfg: Config, role: str) -> int:
 
 
 def _reference_needed(cfg: Config) -> bool:
-    return cfg.solver.algorithm == "oaif" or cfg.solver.beta > 0
+    return get_loss(cfg.solver.algorithm).needs_reference(cfg.solver.beta)
 
 
 class _Gpus:

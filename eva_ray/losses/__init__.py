@@ -1,67 +1,46 @@
-"""Solver losses: RLOO (REINFORCE leave-one-out) and OAIF (online DPO / IPO), as pure tensor functions.
+"""Solver losses: RLOO (REINFORCE leave-one-out) and OAIF (online DPO / IPO), registered as specs.
 
-Both policy losses share one call shape, so the learner picks one by its config name::
+The registry (:mod:`eva_ray.losses.registry`) says what the learner, driver, planner and config need to know about
+each loss; the learner picks one by ``solver.algorithm``::
 
-    loss_fn = get_policy_loss(cfg.learner.loss)              # "rloo" or "oaif"
-    loss, stats = loss_fn(logprobs, ref_logprobs, mask, rewards, beta=cfg.learner.beta, **cfg.learner.loss_kwargs)
+    spec = get_loss(cfg.solver.algorithm)                  # a LossSpec: its function, view, unit, reference use
+    loss, stats = spec.loss_fn(logprobs, ref_logprobs, mask, rewards, beta=cfg.solver.beta,
+                               **spec.options_for(cfg.solver))
 
-with ``logprobs``, ``ref_logprobs``, ``mask`` of shape ``[B, T]`` and ``rewards`` of shape ``[P, N]``, ``B = P * N``,
-responses grouped per prompt contiguously. ``stats`` holds detached 0-dim tensors.
+Adding a loss: write its function in a new module here (the call shape is in :mod:`eva_ray.losses.registry`) and
+add one ``register_loss(LossSpec(...))`` line below. Importing this package does not import torch (the config reads
+the registry); the tensor functions below are imported from their modules on first use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from operator import attrgetter
+from typing import Any
 
-import torch
+from eva_ray.losses.registry import LOSSES, UNITS, VIEWS, LossSpec, get_loss, register_loss
 
-from eva_ray.losses.dpo import DPO_LOSS_TYPES, dpo_loss, oaif_loss, select_preference_pairs
-from eva_ray.losses.logprobs import (
-    KL_ESTIMATORS,
-    entropy_from_logits,
-    kl_estimate,
-    masked_mean,
-    masked_sum,
-    safe_mean,
-    sequence_logprobs,
-    token_logprobs,
-)
-from eva_ray.losses.rloo import AGGREGATIONS, KL_MODES, rloo_advantages, rloo_loss
+register_loss(LossSpec("rloo", "eva_ray.losses.rloo:rloo_loss", view="groups", unit=attrgetter("aggregation"),
+                       reference="kl", ratio=True, importance_weights=True,
+                       options={"kl_estimator": "kl_estimator", "kl_mode": "kl_mode", "aggregation": "aggregation"}))
+register_loss(LossSpec("oaif", "eva_ray.losses.dpo:oaif_loss", view="pairs", unit="group", reference="always",
+                       beta_positive=True, options={"loss_type": "dpo_loss"}))
 
-PolicyLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-POLICY_LOSSES: dict[str, PolicyLoss] = {
-    "rloo": rloo_loss,
-    "oaif": oaif_loss,
+# The tensor functions, by the module that holds them (imported when first asked for, so torch loads only then).
+_LAZY: dict[str, str] = {
+    "DPO_LOSS_TYPES": "choices", "dpo_loss": "dpo", "oaif_loss": "dpo", "select_preference_pairs": "dpo",
+    "AGGREGATIONS": "choices", "KL_MODES": "choices", "rloo_advantages": "rloo", "rloo_loss": "rloo",
+    "KL_ESTIMATORS": "logprobs", "entropy_from_logits": "logprobs", "kl_estimate": "logprobs",
+    "masked_mean": "logprobs", "masked_sum": "logprobs", "safe_mean": "logprobs", "sequence_logprobs": "logprobs",
+    "token_logprobs": "logprobs",
 }
 
 
-def get_policy_loss(name: str) -> PolicyLoss:
-    """The policy loss registered under ``name`` (``"rloo"`` or ``"oaif"``); ValueError names the allowed ones."""
-    try:
-        return POLICY_LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown policy loss {name!r}; allowed: {sorted(POLICY_LOSSES)}") from None
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
-__all__ = [
-    "AGGREGATIONS",
-    "DPO_LOSS_TYPES",
-    "KL_ESTIMATORS",
-    "KL_MODES",
-    "POLICY_LOSSES",
-    "PolicyLoss",
-    "dpo_loss",
-    "entropy_from_logits",
-    "get_policy_loss",
-    "kl_estimate",
-    "masked_mean",
-    "masked_sum",
-    "oaif_loss",
-    "rloo_advantages",
-    "rloo_loss",
-    "safe_mean",
-    "select_preference_pairs",
-    "sequence_logprobs",
-    "token_logprobs",
-]
+__all__ = ["LOSSES", "UNITS", "VIEWS", "LossSpec", "get_loss", "register_loss", *_LAZY]

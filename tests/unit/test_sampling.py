@@ -17,8 +17,14 @@ def draws(weights, k, n, *, mode="sample", seed=0):
     return [tuple(select_indices(weights, k, mode=mode, rng=rng).tolist()) for _ in range(n)]
 
 
-def test_modes():
-    assert SAMPLING_MODES == ("sample", "greedy")
+def test_each_mode_draws_as_named_and_no_other_mode_is_served():
+    w = [1.0, 5.0, 2.0, 4.0]
+    assert set(draws(w, 2, 50, mode="greedy")) == {(1, 3)}  # top-k by decreasing weight, every time
+    assert len({frozenset(d) for d in draws(w, 2, 200, mode="sample")}) == 6  # weighted: every pair turns up
+    for mode in SAMPLING_MODES:
+        assert len(select_indices(w, 2, mode=mode, rng=np.random.default_rng(0))) == 2
+    with pytest.raises(ValueError, match="unknown sampling mode 'softmax'; allowed: " + ", ".join(SAMPLING_MODES)):
+        select_indices(w, 2, mode="softmax", rng=np.random.default_rng(0))
 
 
 @pytest.mark.parametrize("mode", SAMPLING_MODES)
