@@ -9,7 +9,6 @@ node of every worker is recorded in the run's summary.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
