@@ -65,6 +65,7 @@ from typing import Any
 import torch
 
 from actors.weight_channel import ChannelSpec, WeightChannel, collective, host_store, send
+from eva_ray.attention import attention_implementation
 from eva_ray.batching import TrainBatch, groups_with_spread, micro_batches, right_pad, select_pairs, share_units
 from eva_ray.config import LearnerConfig, ModelConfig, SolverConfig
 from eva_ray.losses import entropy_from_logits, get_policy_loss, kl_estimate, masked_mean, token_logprobs
@@ -216,8 +217,8 @@ def _load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool) -> t
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     _zero_dropout(config)
     config.use_cache = False  # training never decodes; a KV cache would only cost memory
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
-                                                 trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 attn_implementation=attention_implementation(config))
     for module in model.modules():  # dropout hard-coded in a module rather than read from the config
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

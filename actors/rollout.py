@@ -46,6 +46,7 @@ import torch
 
 from actors.vllm_backend import VLLM_MISSING, VLLMBackend
 from actors.weight_channel import ChannelSpec, WeightChannel, collective, receive
+from eva_ray.attention import attention_implementation
 from eva_ray.records import PromptRecord
 from eva_ray.rollouts import Rollout
 from eva_ray.weights import TensorSpec, fingerprint
@@ -242,14 +243,17 @@ class _HFBackend:
 
     def __init__(self, model_path: str, *, dtype: torch.dtype, device: torch.device, static_cache: bool,
                  eos_ids: frozenset[int], pad_id: int, trust_remote_code: bool) -> None:
-        from transformers import AutoModelForCausalLM, GenerationConfig
+        from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
         self.device = device
         self.eos_ids = eos_ids
         self.pad_id = pad_id
         self.static_cache = static_cache
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
-                                                          trust_remote_code=trust_remote_code).to(device).eval()
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        # The attention the learner uses too: a soft-capped model (Gemma-2) must not sample from uncapped attention.
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+            attn_implementation=attention_implementation(config)).to(device).eval()
         # A checkpoint's generation_config.json may carry top_k, repetition_penalty and the like. They would silently
         # move the sampling distribution away from the plain temperature/top-p one the learner's log-probs assume.
         self.model.generation_config = GenerationConfig(pad_token_id=pad_id, eos_token_id=sorted(eos_ids))

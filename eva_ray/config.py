@@ -235,6 +235,10 @@ class RewardConfig:
     model: str | None = knob(None, "Reward model folder or hub id (backends model and pairwise).")
     function: str | None = knob(None, "Import path `package.module:callable` of a reward function.")
     trust_remote_code: bool = knob(False, "Allow the reward model's own Python code (ArmoRM needs it).")
+    revision: str | None = knob(None, "Hub revision (a commit hash, tag or branch) of the reward model: pins its "
+                                "weights, tokenizer and remote code; unset: the default branch.")
+    dtype: str = knob("auto", "Reward model weights dtype; auto: bfloat16 on a GPU (what eva-ray plan counts), "
+                      "float32 on CPU.", choices=("auto", "float32", "bfloat16", "float16"))
     batch_size: int = knob(16, "Prompt-response pairs scored per forward pass.", ge=1)
     max_length: int = knob(2048, "Longest scored sequence in tokens.", ge=1)
 

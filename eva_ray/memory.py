@@ -253,15 +253,20 @@ def reference_actor_memory(shape: ModelShape, micro_batch: int, seq_len: int, lo
     })
 
 
-def reward_memory(shape: ModelShape, batch: int, max_length: int) -> Estimate:
-    """A reward model scoring ``batch`` sequences of ``max_length`` tokens at once, no grad.
+DTYPE_BYTES = {"float32": FP32, "bfloat16": BF16, "float16": BF16}
+
+
+def reward_memory(shape: ModelShape, batch: int, max_length: int, dtype: str = "bfloat16") -> Estimate:
+    """A reward model in ``dtype`` (``reward.dtype``) scoring ``batch`` sequences of ``max_length`` tokens, no grad.
 
     A score head reads the last hidden state, so there are no vocabulary logits unless the model has an LM head.
+    float32 doubles every term.
     """
-    terms = {"weights": BF16 * shape.params,
-             "activations": inference_activation_bytes(shape, batch * max_length)}
+    scale = DTYPE_BYTES[dtype] / BF16
+    terms = {"weights": BF16 * shape.params * scale,
+             "activations": inference_activation_bytes(shape, batch * max_length) * scale}
     if shape.has_lm_head:
-        terms["logits"] = BF16 * shape.vocab * batch * max_length
+        terms["logits"] = BF16 * shape.vocab * batch * max_length * scale
     return Estimate(terms)
 
 

@@ -54,7 +54,7 @@ def actor_kwargs(cfg: Config, train: list[PromptRecord], run_dir: Path) -> dict[
                         vllm_multiprocessing=r.vllm_multiprocessing),
         "reward": dict(backend=cfg.reward.backend, model=cfg.reward.model, function=cfg.reward.function,
                        trust_remote_code=cfg.reward.trust_remote_code, batch_size=cfg.reward.batch_size,
-                       max_length=cfg.reward.max_length),
+                       max_length=cfg.reward.max_length, dtype=cfg.reward.dtype, revision=cfg.reward.revision),
         "creator": dict(cfg=cfg, seed_prompts=train, run_dir=str(run_dir)),
         # The learner takes log-probs at the temperature the responses were sampled with.
         "learner": dict(model_path=model_path, solver=cfg.solver, learner=cfg.learner, model=cfg.model,

@@ -326,7 +326,10 @@ def make_plan(cfg: Config, target: Target) -> Plan:
                 raise gpus.shortage(f"reward {i}", reward_gpus)
             node, got = gpus.take(f"reward {i}", reward_gpus, node)
             if cfg.reward.backend in ("model", "pairwise"):
-                est = memory.reward_memory(shape(cfg.reward.model), cfg.reward.batch_size, cfg.reward.max_length)
+                # reward.dtype auto is bfloat16 on a GPU (actors/reward.py).
+                dtype = "bfloat16" if cfg.reward.dtype == "auto" else cfg.reward.dtype
+                est = memory.reward_memory(shape(cfg.reward.model), cfg.reward.batch_size, cfg.reward.max_length,
+                                           dtype)
                 # A model split over several GPUs (device_map) holds a share of it on each.
                 est = Estimate({k: v / len(got) for k, v in est.terms.items()})
             else:
