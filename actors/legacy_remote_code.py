@@ -19,8 +19,9 @@ import importlib
 
 LEGACY_NAMES: dict[str, dict[str, str]] = {
     "transformers.models.llama.modeling_llama": {
-        "LLAMA_START_DOCSTRING": "    A Llama model (documentation constant provided for remote code written for transformers 4.x).\n",
-        "LLAMA_INPUTS_DOCSTRING": "    Args:\n        input_ids, attention_mask, position_ids, ...: as for `LlamaModel`.\n",
+        "LLAMA_START_DOCSTRING": ("    A Llama model (documentation constant provided for remote code written for "
+                                  "transformers 4.x).\n"),
+        "LLAMA_INPUTS_DOCSTRING": "    Args:\n        input_ids, attention_mask, ...: as for `LlamaModel`.\n",
     },
 }
 """Module -> names defined there when absent. Only documentation constants belong here: each is a plain string."""

@@ -198,7 +198,7 @@ class _Classifier:
         if trust_remote_code:
             # Remote code written for transformers 4.x (ArmoRM) imports documentation constants 5.x removed.
             provide_legacy_names()
-        # revision pins the hub snapshot: weights, tokenizer and the remote code itself (None: the default branch).
+        # revision pins the hub snapshot: weights, tokenizer and the remote code (None: the default branch).
         source = dict(trust_remote_code=trust_remote_code, revision=revision)
         self.tokenizer = AutoTokenizer.from_pretrained(path, **source)
         config = AutoConfig.from_pretrained(path, **source)

@@ -256,8 +256,9 @@ def learner_memory(shape: ModelShape, s: LearnerSetup, reference_shape: ModelSha
     if s.reference == "sharded":
         terms["reference"] = BF16 * ref.params / (n if stage == 3 else 1)
     tokens = s.micro_batch * s.seq_len
+    kept_layers = 1 if s.checkpointing else shape.layers  # of eager attention's score matrices
     terms["activations"] = (training_activation_bytes(shape, tokens, s.checkpointing)
-                            + eager_score_bytes(shape, s.micro_batch, s.seq_len, 1 if s.checkpointing else shape.layers))
+                            + eager_score_bytes(shape, s.micro_batch, s.seq_len, kept_layers))
     terms["logits"] = logits_bytes(shape, s.micro_batch * (s.logit_tokens or s.seq_len))
     return Estimate(terms)
 
