@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from actors.weight_channel import ChannelSpec, WeightChannel, receive
+from actors.weight_channel import ChannelSpec, WeightChannel, receive_into
+from eva_ray.attention import attention_implementation
 from eva_ray.rollouts import Sample, Sampling
 from eva_ray.weights import TensorSpec, fingerprint
 
@@ -159,14 +160,17 @@ class HFBackend:
 
     def __init__(self, model_path: str, *, dtype: torch.dtype, device: torch.device, static_cache: bool,
                  eos_ids: frozenset[int], pad_id: int, trust_remote_code: bool) -> None:
-        from transformers import AutoModelForCausalLM, GenerationConfig
+        from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
         self.device = device
         self.eos_ids = eos_ids
         self.pad_id = pad_id
         self.static_cache = static_cache
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
-                                                          trust_remote_code=trust_remote_code).to(device).eval()
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        # The attention the learner uses too: a soft-capped model (Gemma-2) must not sample from uncapped attention.
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+            attn_implementation=attention_implementation(config)).to(device).eval()
         # A checkpoint's generation_config.json may carry top_k, repetition_penalty and the like. They would silently
         # move the sampling distribution away from the plain temperature/top-p one the learner's log-probs assume.
         self.model.generation_config = GenerationConfig(pad_token_id=pad_id, eos_token_id=sorted(eos_ids))
@@ -230,15 +234,17 @@ class HFBackend:
     def receive_weights(self) -> int:
         if self._channel is None:
             raise RuntimeError("receive_weights before join_weight_channel")
-        version, tensors = receive(self._channel)
-        for spec, tensor in tensors:
-            done: set[int] = set()
-            for name in spec.names:
-                target = self._targets.get(name)
-                if target is not None and id(target) not in done:  # tied names share one tensor: copy once
-                    target.copy_(tensor)
-                    done.add(id(target))
-        return version
+
+        def load(tensors: Iterator[tuple[TensorSpec, torch.Tensor]]) -> None:
+            for spec, tensor in tensors:
+                done: set[int] = set()
+                for name in spec.names:
+                    target = self._targets.get(name)
+                    if target is not None and id(target) not in done:  # tied names share one tensor: copy once
+                        target.copy_(tensor)
+                        done.add(id(target))
+
+        return receive_into(self._channel, load)
 
     def sleep(self, level: int) -> None:  # nothing to release: an HF model has no separate KV-cache pool
         pass

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from eva_ray.attention import attention_implementation
 from eva_ray.config import LearnerConfig
 
 # Environment a single-process torch.distributed group needs; set only when absent (a launcher sets its own).
@@ -137,8 +138,8 @@ def _load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool) -> t
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     _zero_dropout(config)
     config.use_cache = False  # training never decodes; a KV cache would only cost memory
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
-                                                 trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 attn_implementation=attention_implementation(config))
     for module in model.modules():  # dropout hard-coded in a module rather than read from the config
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

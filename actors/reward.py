@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from actors.legacy_remote_code import provide_legacy_names
 from eva_ray.dtypes import COMPUTE_DTYPES, torch_dtypes
 from eva_ray.records import PromptRecord
 
@@ -192,17 +193,22 @@ class _Classifier:
     """A one-output sequence classifier that scores token-id rows in right-padded batches."""
 
     def __init__(self, path: str, *, trust_remote_code: bool, batch_size: int, max_length: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, revision: str | None = None) -> None:
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if trust_remote_code:
+            # Remote code written for transformers 4.x (ArmoRM) imports documentation constants 5.x removed.
+            provide_legacy_names()
+        # revision pins the hub snapshot: weights, tokenizer and the remote code (None: the default branch).
+        source = dict(trust_remote_code=trust_remote_code, revision=revision)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, **source)
+        config = AutoConfig.from_pretrained(path, **source)
         # A plain causal LM (the usual way to start a reward model) has no score head yet: transformers adds a fresh
         # one, which must have one output for a pointwise score. Its scores are random until it is trained.
         self.untrained_head = is_causal_lm_only(config)
         extra = {"num_labels": 1} if self.untrained_head else {}
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, **extra).to(device).eval()
+            path, dtype=dtype, **source, **extra).to(device).eval()
         if self.untrained_head:
             print(f"reward: {path} is a causal LM without a score head; its new head is untrained, so its rewards "
                   "carry no meaning (fine for a smoke run, not for training)", flush=True)
@@ -348,7 +354,8 @@ class RewardActor:
 
     def __init__(self, backend: str, *, model: str | None = None, function: str | RewardFn | None = None,
                  trust_remote_code: bool = False, batch_size: int = 16, max_length: int = 2048,
-                 device: str | None = None, dtype: str = "float32", pair_template: str = PAIR_TEMPLATE) -> None:
+                 device: str | None = None, dtype: str = "auto", pair_template: str = PAIR_TEMPLATE,
+                 revision: str | None = None) -> None:
         _check_settings(backend, model, function, batch_size, max_length, dtype)
         self.backend = backend
         self._scorer: _FunctionScorer | _ModelScorer | _PairwiseScorer
@@ -358,7 +365,8 @@ class RewardActor:
             resolved = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
             # trust_remote_code only when the caller passed True: it runs the checkpoint's own Python code.
             classifier = _Classifier(model, trust_remote_code=trust_remote_code is True, batch_size=batch_size,
-                                     max_length=max_length, device=resolved, dtype=DTYPES[dtype])
+                                     max_length=max_length, device=resolved,
+                                     dtype=DTYPES[resolve_dtype(dtype, resolved)], revision=revision)
             self._scorer = (_ModelScorer(classifier) if backend == "model"
                             else _PairwiseScorer(classifier, pair_template))
         self._totals: Counter[str] = Counter()
@@ -404,6 +412,14 @@ class RewardActor:
         return dict(self._totals)
 
 
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """``auto``: bfloat16 on a GPU (how reward models are published and how the planner counts them), float32 on the
+    CPU (where bf16 matmuls are slow and lose precision for nothing)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
 def _check_settings(backend: str, model: str | None, function: Any, batch_size: int, max_length: int,
                     dtype: str) -> None:
     if backend not in BACKENDS:
@@ -422,8 +438,8 @@ def _check_settings(backend: str, model: str | None, function: Any, batch_size: 
             raise ValueError(f"reward backend {backend!r} takes model=, not function=")
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {('auto', *DTYPES)}")
 
 
 def _check_batch(prompts: Sequence[PromptRecord], responses: Sequence[Sequence[str]]) -> None:

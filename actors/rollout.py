@@ -94,8 +94,9 @@ class RolloutWorker:
 
     vLLM engine settings (ignored by the HF backend): ``tensor_parallel_size``, ``enforce_eager``,
     ``kv_cache_bytes``, ``max_model_len``, ``enable_chunked_prefill``, ``enable_prefix_caching``,
-    ``enable_sleep_mode``, ``vllm_multiprocessing``; ``None`` picks the CPU-safe value on CPU and vLLM's default on a
-    GPU (see ``actors/vllm_backend.py``).
+    ``enable_sleep_mode``, ``vllm_multiprocessing``, ``distributed_executor_backend`` (set by the launcher for a
+    tensor-parallel engine on its placement group); ``None`` picks the CPU-safe value on CPU and vLLM's default on
+    a GPU (see ``actors/vllm_backend.py``).
     """
 
     def __init__(self, model_path: str, *, backend: str = "hf", tokenizer_path: str | None = None,
@@ -105,7 +106,8 @@ class RolloutWorker:
                  trust_remote_code: bool = False, tensor_parallel_size: int = 1, enforce_eager: bool | None = None,
                  kv_cache_bytes: int | None = None, max_model_len: int | None = None,
                  enable_chunked_prefill: bool | None = None, enable_prefix_caching: bool | None = None,
-                 enable_sleep_mode: bool = False, vllm_multiprocessing: bool | None = None) -> None:
+                 enable_sleep_mode: bool = False, vllm_multiprocessing: bool | None = None,
+                 distributed_executor_backend: str | None = None) -> None:
         _check_settings(backend, dtype, temperature, top_p, max_new_tokens, max_prompt_tokens, gpu_memory_utilization)
         self.sampling = Sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
         self.max_prompt_tokens = max_prompt_tokens
@@ -132,7 +134,7 @@ class RolloutWorker:
                 gpu_memory_utilization=gpu_memory_utilization,
                 max_model_len=max_model_len or max_prompt_tokens + max_new_tokens,
                 enable_chunked_prefill=enable_chunked_prefill, enable_prefix_caching=enable_prefix_caching,
-                enable_sleep_mode=enable_sleep_mode)
+                enable_sleep_mode=enable_sleep_mode, distributed_executor_backend=distributed_executor_backend)
         _warn_if_too_long(self._engine.max_positions, max_prompt_tokens + max_new_tokens)
         self._version = 0
         self._calls = 0

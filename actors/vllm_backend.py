@@ -89,15 +89,14 @@ class VLLMChannelWorker:
         return rank
 
     def eva_receive_weights(self) -> int:
-        from actors.weight_channel import receive
+        from actors.weight_channel import receive_into
 
         channel = getattr(self, "_eva_channel", None)
         if channel is None:
             raise RuntimeError("eva_receive_weights before eva_join_weight_channel")
-        version, tensors = receive(channel)
-        # One name per tensor, the first in state_dict order: what an HF checkpoint stores for tied weights.
-        self._eva_load((spec.names[0], tensor) for spec, tensor in tensors)
-        return version
+        # One name per tensor, the first in state_dict order: what an HF checkpoint stores for tied weights. A load
+        # that fails still receives the rest, so the learner and the other workers are not left waiting.
+        return receive_into(channel, lambda tensors: self._eva_load((spec.names[0], t) for spec, t in tensors))
 
     def eva_load_safetensors(self, blob: bytes) -> int:
         from safetensors.torch import load
@@ -123,7 +122,7 @@ _EXTENSION = f"{VLLMChannelWorker.__module__}.{VLLMChannelWorker.__qualname__}"
 def engine_settings(*, on_cpu: bool, tensor_parallel_size: int, enforce_eager: bool | None,
                     kv_cache_bytes: int | None, gpu_memory_utilization: float, max_model_len: int,
                     enable_chunked_prefill: bool | None, enable_prefix_caching: bool | None,
-                    enable_sleep_mode: bool) -> dict[str, Any]:
+                    enable_sleep_mode: bool, distributed_executor_backend: str | None = None) -> dict[str, Any]:
     """``vllm.LLM`` keyword arguments for this platform: the config's choices, CPU-safe values where it has none."""
     if on_cpu and enable_sleep_mode:
         raise ValueError("rollout.enable_sleep_mode: vLLM has no sleep mode on CPU; turn it off")
@@ -138,6 +137,10 @@ def engine_settings(*, on_cpu: bool, tensor_parallel_size: int, enforce_eager: b
         settings["enable_chunked_prefill"] = bool(enable_chunked_prefill)
     if enable_prefix_caching is not None:
         settings["enable_prefix_caching"] = enable_prefix_caching
+    if distributed_executor_backend is not None:
+        # Explicit: left unset, vLLM 0.32 compares tensor_parallel_size with the GPUs this process sees and refuses
+        # before it would look for the placement group (config/parallel.py).
+        settings["distributed_executor_backend"] = distributed_executor_backend
     return settings
 
 
@@ -156,6 +159,10 @@ class VLLMBackend:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
         self.eos_ids = eos_ids
         self.tensor_parallel_size = int(settings.get("tensor_parallel_size", 1))
+        if settings.get("distributed_executor_backend") == "ray":
+            # vLLM's Ray workers get their devices from their own bundles; this actor holds no GPU, and a device
+            # list Ray set for it (empty) must not reach the engine (as OpenRLHF does before building the engine).
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         shm_before, children_before = shm_names(), set(descendants(os.getpid()))
         self.llm = vllm.LLM(
             model_path, tokenizer=tokenizer_path, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,

@@ -227,12 +227,20 @@ class RolloutConfig:
     max_new_tokens: int = knob(256, "Longest response.", ge=1)
     max_prompt_tokens: int = knob(1024, "Prompts are left-truncated to this many tokens.", ge=1)
     static_cache: bool = knob(False, "HF backend on GPU: compiled static KV cache (fast after a long warm-up).")
-    gpu_memory_utilization: float = knob(0.5, "vLLM: share of GPU memory for weights and KV cache.", gt=0, le=1)
+    gpu_memory_utilization: float = knob(0.5, "vLLM: share of GPU memory for weights and KV cache; at start-up "
+                                         "that much must be free on the GPU (checked even with kv_cache_bytes).",
+                                         gt=0, le=1)
     # vLLM engine settings. Unset (null) means: the CPU-safe value on CPU, vLLM's own default on a GPU.
     tensor_parallel_size: int = knob(1, "vLLM: GPUs per engine (tensor parallelism).", ge=1)
+    tensor_parallel_executor: str = knob("ray", "vLLM with tensor_parallel_size > 1 on GPUs: ray (vLLM's RL "
+                                         "examples: the engine's actor holds no GPU, vLLM's Ray workers take one "
+                                         "bundle of its placement group each) or mp (one bundle with all its GPUs, "
+                                         "held by the actor; vLLM's multiprocess executor).", choices=("ray", "mp"))
     enforce_eager: bool | None = knob(None, "vLLM: no CUDA graphs / torch.compile (unset: on for CPU, off on GPU).")
-    kv_cache_bytes: int | None = knob(None, "vLLM: KV-cache size in bytes; overrides gpu_memory_utilization "
-                                            "(unset: 1 GiB on CPU, the memory share on GPU).", ge=1)
+    kv_cache_bytes: int | None = knob(None, "vLLM: KV-cache size in bytes instead of what gpu_memory_utilization "
+                                            "leaves (unset: 1 GiB on CPU, that share on GPU). On a GPU, vLLM 0.32 "
+                                            "still refuses to start unless gpu_memory_utilization of the GPU is "
+                                            "free: on a shared GPU lower that too.", ge=1)
     max_model_len: int | None = knob(None, "vLLM: longest sequence (unset: max_prompt_tokens + max_new_tokens).",
                                      ge=1)
     enable_chunked_prefill: bool | None = knob(None, "vLLM: chunked prefill (unset: off on CPU, where it can kill "
@@ -251,6 +259,10 @@ class RewardConfig:
     model: str | None = knob(None, "Reward model folder or hub id (backends model and pairwise).")
     function: str | None = knob(None, "Import path `package.module:callable` of a reward function.")
     trust_remote_code: bool = knob(False, "Allow the reward model's own Python code (ArmoRM needs it).")
+    revision: str | None = knob(None, "Hub revision (a commit hash, tag or branch) of the reward model: pins its "
+                                "weights, tokenizer and remote code; unset: the default branch.")
+    dtype: str = knob("auto", "Reward model weights dtype; auto: bfloat16 on a GPU (what eva-ray plan counts), "
+                      "float32 on CPU.", choices=("auto", "float32", "bfloat16", "float16"))
     batch_size: int = knob(16, "Prompt-response pairs scored per forward pass.", ge=1)
     max_length: int = knob(2048, "Longest scored sequence in tokens.", ge=1)
 

@@ -16,7 +16,8 @@ heads, head size, MLP width, vocabulary). The terms, per learner GPU, in bf16 wi
 - ``buckets``: DeepSpeed's gradient-reduction bucket (``reduce_bucket_size`` 5e8 elements in bf16) from ZeRO-1 on.
 - ``reference``: the frozen reference model in bf16; ZeRO-3 shards it like the policy, otherwise each rank holds it.
 - ``activations``: what autograd keeps for the backward pass, per token per layer (see :func:`activation_bytes`);
-  with gradient checkpointing only each layer's input is kept, plus one layer recomputed at a time.
+  with gradient checkpointing only each layer's input is kept, plus one layer recomputed at a time. A model with
+  attention soft-capping (Gemma-2) runs eager attention, whose score matrices count too (:func:`eager_score_bytes`).
 - ``logits``: ``micro_batch x logit_tokens x vocab`` elements at 8 bytes (bf16 logits, the fp32 copy the chunked
   log-softmax keeps for backward, and the bf16 gradient), 4 more with Gemma-2's logit soft-capping.
 - ``cuda_context``: the CUDA context and library handles of the process.
@@ -66,6 +67,9 @@ class ModelShape:
     norms_per_layer: int = 2
     qkv_bias: bool = False
     logit_softcap: bool = False
+    attention_softcap: bool = False
+    """Gemma-2's attention logit cap: the learner then runs eager attention (eva_ray/attention.py), which keeps the
+    sequence-squared score matrix."""
     has_lm_head: bool = True
     """False for a reward model whose head scores the last hidden state instead of predicting tokens."""
 
@@ -91,6 +95,7 @@ class ModelShape:
             norms_per_layer=4 if model_type.startswith(("gemma2", "gemma3")) else 2,
             qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
             logit_softcap=bool(cfg.get("final_logit_softcapping")),
+            attention_softcap=bool(cfg.get("attn_logit_softcapping")),
             has_lm_head="CausalLM" in archs or not archs,
         )
 
@@ -162,6 +167,18 @@ def training_activation_bytes(shape: ModelShape, tokens: int, checkpointing: boo
         # Each layer's input survives; one layer's activations exist at a time while it is recomputed.
         return shape.layers * BF16 * shape.hidden * tokens + per_layer + outside
     return shape.layers * per_layer + outside
+
+
+EAGER_SCORE_BYTES = BF16 + FP32 + BF16
+"""Per attention score, what eager attention keeps for backward: the capped scores (tanh's bf16 output), the fp32
+softmax and the bf16 probabilities the value product reads."""
+
+
+def eager_score_bytes(shape: ModelShape, micro_batch: int, seq_len: int, layers: int) -> int:
+    """Score matrices of ``layers`` layers kept for backward under eager attention (0 for SDPA-served models)."""
+    if not shape.attention_softcap:
+        return 0
+    return EAGER_SCORE_BYTES * shape.heads * seq_len * seq_len * micro_batch * layers
 
 
 def logits_bytes(shape: ModelShape, logit_tokens: int) -> int:
@@ -239,7 +256,9 @@ def learner_memory(shape: ModelShape, s: LearnerSetup, reference_shape: ModelSha
     if s.reference == "sharded":
         terms["reference"] = BF16 * ref.params / (n if stage == 3 else 1)
     tokens = s.micro_batch * s.seq_len
-    terms["activations"] = training_activation_bytes(shape, tokens, s.checkpointing)
+    kept_layers = 1 if s.checkpointing else shape.layers  # of eager attention's score matrices
+    terms["activations"] = (training_activation_bytes(shape, tokens, s.checkpointing)
+                            + eager_score_bytes(shape, s.micro_batch, s.seq_len, kept_layers))
     terms["logits"] = logits_bytes(shape, s.micro_batch * (s.logit_tokens or s.seq_len))
     return Estimate(terms)
 
@@ -248,20 +267,26 @@ def reference_actor_memory(shape: ModelShape, micro_batch: int, seq_len: int, lo
     """A reference model on a GPU of its own: bf16 weights and one no-grad micro-batch."""
     return Estimate({
         "weights": BF16 * shape.params,
-        "activations": inference_activation_bytes(shape, micro_batch * seq_len),
+        "activations": inference_activation_bytes(shape, micro_batch * seq_len)
+        + eager_score_bytes(shape, micro_batch, seq_len, 1),
         "logits": (BF16 + FP32) * shape.vocab * micro_batch * logit_tokens,
     })
 
 
-def reward_memory(shape: ModelShape, batch: int, max_length: int) -> Estimate:
-    """A reward model scoring ``batch`` sequences of ``max_length`` tokens at once, no grad.
+DTYPE_BYTES = {"float32": FP32, "bfloat16": BF16, "float16": BF16}
+
+
+def reward_memory(shape: ModelShape, batch: int, max_length: int, dtype: str = "bfloat16") -> Estimate:
+    """A reward model in ``dtype`` (``reward.dtype``) scoring ``batch`` sequences of ``max_length`` tokens, no grad.
 
     A score head reads the last hidden state, so there are no vocabulary logits unless the model has an LM head.
+    float32 doubles every term.
     """
-    terms = {"weights": BF16 * shape.params,
-             "activations": inference_activation_bytes(shape, batch * max_length)}
+    scale = DTYPE_BYTES[dtype] / BF16
+    terms = {"weights": BF16 * shape.params * scale,
+             "activations": inference_activation_bytes(shape, batch * max_length) * scale}
     if shape.has_lm_head:
-        terms["logits"] = BF16 * shape.vocab * batch * max_length
+        terms["logits"] = BF16 * shape.vocab * batch * max_length * scale
     return Estimate(terms)
 
 

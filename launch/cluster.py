@@ -54,7 +54,7 @@ def actor_kwargs(cfg: Config, train: list[PromptRecord], run_dir: Path) -> dict[
                         vllm_multiprocessing=r.vllm_multiprocessing),
         "reward": dict(backend=cfg.reward.backend, model=cfg.reward.model, function=cfg.reward.function,
                        trust_remote_code=cfg.reward.trust_remote_code, batch_size=cfg.reward.batch_size,
-                       max_length=cfg.reward.max_length),
+                       max_length=cfg.reward.max_length, dtype=cfg.reward.dtype, revision=cfg.reward.revision),
         "creator": dict(cfg=cfg, seed_prompts=train, run_dir=str(run_dir)),
         # The learner takes log-probs at the temperature the responses were sampled with.
         "learner": dict(model_path=model_path, solver=cfg.solver, learner=cfg.learner, model=cfg.model,
@@ -294,8 +294,9 @@ def _place_actors(cfg: Config, kwargs: dict[str, dict[str, Any]], pad: int, echo
 
     def remote(cls, r, role: str, index: int = 0, env: dict[str, str] | None = None, **options):
         threads = thread_count(r)  # torch threads = the CPUs the actor was given (launch/threads.py)
+        # The GPUs the plan gives the actor's own process (a tensor-parallel engine's go to vLLM's workers).
         return ray.remote(with_threads(cls, threads, cfg.run.plugins)).options(
-            num_cpus=r.num_cpus, num_gpus=r.num_gpus,
+            num_cpus=r.num_cpus, num_gpus=plan.placement(role, index).actor_gpus,
             runtime_env={"env_vars": {**ACTOR_ENV, **thread_env(threads), **(env or {})}},
             scheduling_strategy=placed.strategy(role, index), **options)
 
@@ -304,8 +305,9 @@ def _place_actors(cfg: Config, kwargs: dict[str, dict[str, Any]], pad: int, echo
     restartable = dict(max_restarts=res.max_restarts, max_task_retries=0)
     n = res.rollout.num_workers
     nodes = [placed.node_of("rollout", i) for i in range(n)]
-    workers = [RayActor(remote(RolloutWorker, res.rollout, "rollout", i, **restartable).remote(
-        **kwargs["rollout"], worker_index=i), f"rollout-{i}") for i in range(n)]
+    workers = [RayActor(remote(RolloutWorker, res.rollout, "rollout", i, env=engine_env(cfg, plan, i),
+                               **restartable).remote(**engine_kwargs(cfg, plan, kwargs["rollout"]), worker_index=i),
+                        f"rollout-{i}") for i in range(n)]
     # Learner ranks meet at rank 0's node; each sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES), so its
     # local rank is 0.
     ranks = res.learner.num_workers
@@ -332,6 +334,26 @@ def _place_actors(cfg: Config, kwargs: dict[str, dict[str, Any]], pad: int, echo
     # The channel's rendezvous lives where learner rank 0 runs; every engine worker connects to that address.
     _connect_or_shut_down(system, cfg, master)
     return system
+
+
+def _tensor_parallel_on_gpus(cfg: Config, plan: Plan) -> bool:
+    return (cfg.rollout.backend == "vllm" and cfg.rollout.tensor_parallel_size > 1
+            and bool(plan.placement("rollout", 0).gpus))
+
+
+def engine_kwargs(cfg: Config, plan: Plan, rollout: dict[str, Any]) -> dict[str, Any]:
+    """The rollout worker's arguments under Ray: a tensor-parallel engine uses the executor its bundles were made
+    for (``rollout.tensor_parallel_executor``, see ``launch.plan.engine_bundles``)."""
+    if not _tensor_parallel_on_gpus(cfg, plan):
+        return rollout
+    return {**rollout, "distributed_executor_backend": cfg.rollout.tensor_parallel_executor}
+
+
+def engine_env(cfg: Config, plan: Plan, index: int) -> dict[str, str]:
+    """``VLLM_RAY_BUNDLE_INDICES``: which bundles of the engine's group vLLM's Ray workers take, rank by rank."""
+    if not _tensor_parallel_on_gpus(cfg, plan) or cfg.rollout.tensor_parallel_executor != "ray":
+        return {}
+    return {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, plan.placement("rollout", index).bundle_indices))}
 
 
 def _launch_plan(cfg: Config) -> Plan:

@@ -63,6 +63,9 @@ class Placement:
     gpus: tuple[int, ...]
     group: str | None
     bundle_indices: tuple[int, ...]
+    actor_gpus: float = 0.0
+    """GPUs the actor's own process asks Ray for. 0 for a tensor-parallel vLLM engine on the ray executor: its GPUs
+    are the bundles of its group, one per vLLM worker (``bundle_indices``), which vLLM's Ray workers take."""
 
     @property
     def name(self) -> str:
@@ -112,7 +115,8 @@ class Plan:
         return {
             "target": vars(self.target).copy(),
             "placements": [{"role": p.role, "index": p.index, "node": p.node, "gpus": list(p.gpus),
-                            "group": p.group, "bundle_indices": list(p.bundle_indices)} for p in self.placements],
+                            "group": p.group, "bundle_indices": list(p.bundle_indices), "actor_gpus": p.actor_gpus}
+                           for p in self.placements],
             "groups": [{"name": g.name, "bundles": [dict(b) for b in g.bundles], "strategy": g.strategy}
                        for g in self.groups],
             "gpus": [{"node": u.node, "gpu": u.gpu, "actor": u.actor, "total_gb": round(u.estimate.total / GB, 2),
@@ -240,6 +244,23 @@ class _Gpus:
                          f"{self.total} GPU(s) ({len(self.free)} node(s)), already taken: {used}")
 
 
+def engine_bundles(cpus: dict[str, float], tp: int, gpus_per_rank: int, executor: str
+                   ) -> tuple[tuple[dict[str, float], ...], float]:
+    """The placement-group bundles of one tensor-parallel vLLM engine, and the GPUs its actor itself holds.
+
+    ``ray`` (vLLM's RL examples, and what its Ray executor checks): one bundle of one GPU per tensor-parallel rank,
+    the engine's actor on bundle 0 holding no GPU, vLLM's Ray workers on bundles ``0..tp-1``
+    (``VLLM_RAY_BUNDLE_INDICES``). An actor that held a GPU itself would leave bundle 0 without one for its worker,
+    and would see one device where vLLM's default executor needs ``tp``. ``mp``: one bundle with all ``tp`` GPUs,
+    held by the actor, whose multiprocess executor starts one worker per GPU it sees.
+    """
+    if not gpus_per_rank:  # a CPU plan: no GPU to give out
+        return (cpus,) * tp, 0.0
+    if executor == "mp":
+        return ({**cpus, "GPU": float(tp)},), float(tp)
+    return ({**cpus, "GPU": 1.0},) + ({"GPU": 1.0},) * (tp - 1), 0.0
+
+
 def _strategy_for(nodes: list[int | None]) -> str:
     return "STRICT_PACK" if len(set(nodes)) <= 1 else "PACK"
 
@@ -290,7 +311,7 @@ def make_plan(cfg: Config, target: Target) -> Plan:
                 raise gpus.shortage(f"learner rank {i}", 1)
             node, got = gpus.take(f"learner rank {i}", 1, node)
         learn_nodes.append(node)
-        placements.append(Placement("learner", i, node, got, "learner", (i,)))
+        placements.append(Placement("learner", i, node, got, "learner", (i,), float(learner_gpus)))
         if got:
             policy = shape(cfg.model.path)
             ref_shape = shape(cfg.model.reference) if cfg.model.reference else policy
@@ -314,7 +335,7 @@ def make_plan(cfg: Config, target: Target) -> Plan:
             ref_shape = shape(cfg.model.reference or cfg.model.path)
             uses.append(GpuUse(node, got[0], "reference-0", memory.reference_actor_memory(
                 ref_shape, cfg.learner.micro_batch_size, seq_len, logit_tokens)))
-        placements.append(Placement("reference", 0, node, got, "reference", (0,)))
+        placements.append(Placement("reference", 0, node, got, "reference", (0,), float(len(got))))
         groups.append(BundleGroup("reference", ({**cpu_bundle(res.learner), **({"GPU": 1.0} if got else {})},),
                                   "STRICT_PACK"))
 
@@ -329,7 +350,10 @@ def make_plan(cfg: Config, target: Target) -> Plan:
                 raise gpus.shortage(f"reward {i}", reward_gpus)
             node, got = gpus.take(f"reward {i}", reward_gpus, node)
             if cfg.reward.backend in ("model", "pairwise"):
-                est = memory.reward_memory(shape(cfg.reward.model), cfg.reward.batch_size, cfg.reward.max_length)
+                # reward.dtype auto is bfloat16 on a GPU (actors/reward.py).
+                dtype = "bfloat16" if cfg.reward.dtype == "auto" else cfg.reward.dtype
+                est = memory.reward_memory(shape(cfg.reward.model), cfg.reward.batch_size, cfg.reward.max_length,
+                                           dtype)
                 # A model split over several GPUs (device_map) holds a share of it on each.
                 est = Estimate({k: v / len(got) for k, v in est.terms.items()})
             else:
@@ -337,13 +361,16 @@ def make_plan(cfg: Config, target: Target) -> Plan:
             for g in got:
                 uses.append(GpuUse(node, g, f"reward-{i}", est))
         reward_nodes.append(node)
-        placements.append(Placement("reward", i, node, got, "reward", (i,)))
+        placements.append(Placement("reward", i, node, got, "reward", (i,), float(reward_gpus)))
     reward_bundle = {**cpu_bundle(res.reward), **({"GPU": float(reward_gpus)} if reward_gpus else {})}
     groups.append(BundleGroup("reward", (reward_bundle,) * res.reward.num_workers, _strategy_for(reward_nodes)))
 
     # Rollout engines fill the rest: tensor_parallel_size GPUs on one node per engine.
     rollout_gpus = _whole_gpus(cfg, "rollout")
     tp = cfg.rollout.tensor_parallel_size if cfg.rollout.backend == "vllm" else 1
+    if tp > 1 and rollout_gpus > 1:
+        raise PlanError(f"resources.rollout.num_gpus: {rollout_gpus} with rollout.tensor_parallel_size {tp}; a "
+                        "tensor-parallel engine takes one GPU per rank (allowed: 0 or 1)")
     per_engine = tp * rollout_gpus
     strategy = res.placement
     engine_nodes: list[int | None] = []
@@ -380,11 +407,12 @@ def make_plan(cfg: Config, target: Target) -> Plan:
         first = len(engine_nodes) - 1
         if tp > 1 or per_engine > 1:
             name = f"rollout-{i}"
-            placements.append(Placement("rollout", i, node, got, name, tuple(range(max(1, len(got))))))
-            b = {**cpu_bundle(res.rollout), **({"GPU": float(rollout_gpus)} if rollout_gpus else {})}
-            groups.append(BundleGroup(name, (b,) * max(1, tp), "STRICT_PACK"))
+            bundles, actor_gpus = engine_bundles(cpu_bundle(res.rollout), tp, rollout_gpus,
+                                                 cfg.rollout.tensor_parallel_executor)
+            placements.append(Placement("rollout", i, node, got, name, tuple(range(len(bundles))), actor_gpus))
+            groups.append(BundleGroup(name, bundles, "STRICT_PACK"))
         else:
-            placements.append(Placement("rollout", i, node, got, "rollout", (first,)))
+            placements.append(Placement("rollout", i, node, got, "rollout", (first,), float(rollout_gpus)))
     if not (tp > 1 or per_engine > 1):
         b = {**cpu_bundle(res.rollout), **({"GPU": float(rollout_gpus)} if rollout_gpus else {})}
         groups.append(BundleGroup("rollout", (b,) * res.rollout.num_workers, strategy))
@@ -438,6 +466,8 @@ def format_plan(plan: Plan) -> str:
         where = "any node, CPU" if p.node is None and not p.gpus else (
             f"node {p.node}, CPU" if not p.gpus else f"node {p.node}, GPU {','.join(map(str, p.gpus))}")
         group = f"  [group {p.group}, bundle {','.join(map(str, p.bundle_indices))}]" if p.group else ""
+        if p.gpus and p.actor_gpus == 0:
+            group += " (vLLM's Ray workers hold the GPUs, one bundle each)"
         lines.append(f"  {p.name:<12} {where}{group}")
     lines.append("placement groups:")
     for g in plan.groups:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import math
 import os
 import shutil
 import statistics
@@ -65,8 +66,15 @@ TINY_SHAPE = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 
               "head_dim": 32, "intermediate_size": 128, "vocab_size": 256, "max_position_embeddings": 2048}
 # Seconds a part needs on a GPU at the full shape, at least, for it to be started (the static cache's compile
 # dominates the rollout). On the CPU and with --tiny every part is started while any budget is left.
-GPU_PART_SECONDS = {"rollout": 150.0, "learner": 60.0, "sync": 30.0}
-PARTS = ("rollout", "learner", "sync")
+GPU_PART_SECONDS = {"rollout": 150.0, "learner": 60.0, "sync": 30.0, "softcap": 60.0, "nccl": 40.0}
+PARTS = ("rollout", "learner", "sync", "softcap", "nccl")
+GPU_ONLY_PARTS = ("nccl",)
+GEMMA2_CONFIG = REPO / "configs" / "models" / "gemma-2-9b-it" / "config.json"
+# Gemma-2-9B's layer (hidden 3584, 16 heads of 256, 8 KV heads, its vocabulary), two layers deep; the attention cap is
+# lowered from 50 to 1 so that a kernel ignoring it shows at random initialisation.
+GEMMA2_CHECK = {"num_hidden_layers": 2, "attn_logit_softcapping": 1.0, "initializer_range": 0.1}
+GEMMA2_TINY = {"hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+               "intermediate_size": 128, "vocab_size": 256, "query_pre_attn_scalar": 32, "initializer_range": 0.3}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,7 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip parts that no longer fit in this many seconds from the start (default 420)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="peak for MFU, TFLOP/s (default 989: H200 dense bf16)")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--parts", default=None,
+                   help=f"comma-separated subset of {','.join(PARTS)} (default: all; {','.join(GPU_ONLY_PARTS)} only "
+                        "on a GPU)")
+    p.add_argument("--nccl-probe", choices=("untimed", "timed"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float32", "float16"),
                    help="default: bfloat16 on a GPU, float32 on the CPU")
@@ -101,6 +112,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--syncs", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the final JSON object to this file")
     args = p.parse_args(argv)
+    if args.parts is None:
+        import torch
+
+        on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        args.parts = ",".join(p for p in PARTS if on_gpu or p not in GPU_ONLY_PARTS)
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
         p.error(f"--parts: unknown {sorted(unknown)}; choose from {list(PARTS)}")
@@ -371,11 +387,168 @@ def run_sync(args: argparse.Namespace, report: Report, learner: Any, worker: Any
         raise RuntimeError(f"after the sync {len(mismatched)} tensors differ, e.g. {mismatched[:5]}")
 
 
+def build_gemma2(folder: Path, *, tiny: bool, dtype: Any) -> dict[str, Any]:
+    """A random Gemma-2-shaped model (GEMMA2_CHECK: two of Gemma-2-9B's layers, attention cap 1) and the char
+    tokenizer, written to ``folder``; returns its config fields."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from eva_ray.tiny import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    fields = json.loads(GEMMA2_CONFIG.read_text())
+    for key in ("architectures", "torch_dtype"):
+        fields.pop(key, None)
+    fields.update(GEMMA2_CHECK)
+    if tiny:
+        fields.update(GEMMA2_TINY)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields, pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(dtype).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return fields
+
+
+def run_softcap(args: argparse.Namespace, report: Report, folder: Path, device: Any, dtype_name: str) -> None:
+    """The learner's Gemma-2 attention against eager (and against SDPA, where this transformers offers it), then
+    one ZeRO-3 learner step on the same model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from actors.learner import _load_causal_lm
+
+    dtype = getattr(torch, dtype_name)
+    path = folder / "gemma2"
+    fields = build_gemma2(path, tiny=args.tiny, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    seq = min(args.seq_len, 1024)
+    ids = torch.randint(8, fields["vocab_size"], (2, seq), generator=g).to(device)
+
+    def logprobs(model: Any) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model.to(device).eval()(input_ids=ids, use_cache=False).logits.float()
+        return torch.log_softmax(logits[:, :-1], -1).gather(2, ids[:, 1:, None]).squeeze(2)
+
+    learner_model = _load_causal_lm(str(path), dtype, trust_remote_code=False)
+    chosen = learner_model.config._attn_implementation
+    got = logprobs(learner_model)
+    del learner_model
+    eager = logprobs(AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager"))
+    diff = float((got - eager).abs().max())
+    try:
+        sdpa = logprobs(AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa"))
+        sdpa_diff: Any = sig(float((sdpa - eager).abs().max()))
+    except (ValueError, ImportError) as exc:  # newer transformers refuse SDPA for a soft-capped model
+        sdpa_diff = f"refused: {str(exc).splitlines()[0][:120]}"
+    report.set(softcap_attn_implementation=chosen, softcap_learner_vs_eager_max_abs=sig(diff),
+               softcap_sdpa_vs_eager_max_abs=sdpa_diff, softcap_tokens=int(ids[:, 1:].numel()))
+    report.line(f"softcap: the learner loads Gemma-2 with {chosen!r}; its log-probs differ from eager by {diff:.3g} "
+                f"(SDPA would differ by {sdpa_diff}) over {ids[:, 1:].numel()} tokens")
+    if chosen != "eager" or diff > 0:
+        raise RuntimeError(f"the learner's Gemma-2 attention is {chosen!r}, {diff:.3g} from eager")
+
+    from actors.learner import Learner
+    from eva_ray.config import LearnerConfig, ModelConfig, SolverConfig
+
+    learner = Learner(str(path), solver=SolverConfig(algorithm="rloo", beta=0.0, n_responses=args.responses),
+                      learner=LearnerConfig(zero_stage=3, lr=1e-6, lr_schedule="constant", warmup_ratio=0.0,
+                                            micro_batch_size=args.micro_batch, gradient_checkpointing=True),
+                      model=ModelConfig(dtype=dtype_name), total_steps=2, seed=0, device=str(device))
+    try:
+        small = argparse.Namespace(**{**vars(args), "seq_len": seq, "prompt_len": min(args.prompt_len, seq // 2)})
+        batch = train_batch(small, fields["vocab_size"], pad_id=0)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        synchronize(device)
+        t0 = time.perf_counter()
+        metrics = learner.train_step(batch)
+        synchronize(device)
+        step_s = time.perf_counter() - t0
+    finally:
+        learner.close()
+    if metrics["train/skipped"] or not math.isfinite(metrics.get("train/loss", math.nan)):
+        raise RuntimeError(f"the ZeRO-3 step on the Gemma-2-shaped model did not apply: {metrics}")
+    report.set(softcap_zero3_step_s=sig(step_s), softcap_zero3_loss=metrics["train/loss"])
+    if device.type == "cuda":
+        report.set(softcap_zero3_peak_memory_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 2))
+    report.line(f"softcap: ZeRO-3 step with eager attention and gradient checkpointing {step_s:.2f}s, loss "
+                f"{metrics['train/loss']:.4f}")
+
+
+def nccl_probe(kind: str) -> dict[str, Any]:
+    """One process, one GPU, a world of one: what a wait on an NCCL collective stuck behind a 10 s kernel does.
+
+    ``untimed``: torch's default group and ``wait()`` as the channel called it before: returns while the collective
+    is still pending. ``timed``: the channel's group (``nccl_group``) and ``wait(timeout)``: raises after the
+    timeout, and the process is still alive once the group's own watchdog timeout has passed too.
+    """
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from actors.weight_channel import nccl_group
+
+    timeout = datetime.timedelta(seconds=2)
+    store = dist.PrefixStore(f"probe-{kind}", dist.HashStore())
+    if kind == "timed":
+        pg = nccl_group(store, 0, 1, timeout)
+    else:
+        options = dist.ProcessGroupNCCL.Options()
+        pg = dist.ProcessGroupNCCL(store, 0, 1, options)
+    tensor = torch.zeros(1, device="cuda")
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    pg.broadcast([tensor], opts).wait(datetime.timedelta(seconds=60))  # builds the communicator
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e10))  # about 10 s of GPU time ahead of the collective on the same stream
+    work = pg.broadcast([tensor], opts)
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"kind": kind}
+    try:
+        work.wait() if kind == "untimed" else work.wait(timeout)
+        out.update(raised=False)
+    except Exception as exc:  # noqa: BLE001 - what it raises is the result
+        out.update(raised=True, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+    out.update(wait_s=round(time.perf_counter() - t0, 3), completed_at_return=bool(work.is_completed()))
+    if kind == "timed":
+        pg.abort()
+    torch.cuda.synchronize()
+    time.sleep(4)  # past the group's own 2 s watchdog timeout: a teardown would have ended the process by now
+    out["alive_after_watchdog"] = True
+    return out
+
+
+def run_nccl(report: Report) -> None:
+    import subprocess
+
+    results = {}
+    for kind in ("untimed", "timed"):
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--nccl-probe", kind],
+                              capture_output=True, text=True, timeout=180)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        results[kind] = json.loads(lines[-1]) if lines else {
+            "kind": kind, "exit_code": proc.returncode, "alive_after_watchdog": False,
+            "stderr_tail": proc.stderr[-400:]}
+    untimed, timed = results["untimed"], results["timed"]
+    report.set(nccl_untimed=untimed, nccl_timed=timed)
+    report.line(f"nccl: untimed wait returned after {untimed.get('wait_s')}s with the collective "
+                f"{'done' if untimed.get('completed_at_return') else 'still pending'} (torch's default group)")
+    report.line(f"nccl: the channel's wait raised after {timed.get('wait_s')}s: {timed.get('error')}; process alive "
+                f"after the watchdog's timeout: {timed.get('alive_after_watchdog')}")
+    if not (timed.get("raised") and timed.get("alive_after_watchdog") and timed.get("wait_s", 99) < 8):
+        raise RuntimeError(f"the channel's NCCL group did not raise in time and survive: {timed}")
+
+
 # -------------------------------------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.nccl_probe:  # a child process of the nccl part
+        print(json.dumps(nccl_probe(args.nccl_probe)), flush=True)
+        return 0
     report = Report(args.json)
     parts = [p for p in PARTS if p in args.parts.split(",")]
     # A hang (a collective waiting on a peer, a compile that never ends) still prints what was measured.
@@ -470,6 +643,26 @@ def main(argv: list[str] | None = None) -> int:
                     status = "error"
                     report.results["errors"]["sync"] = f"{type(exc).__name__}: {exc}"
                     report.line(f"sync: FAILED: {type(exc).__name__}: {exc}")
+        # The remaining parts build models of their own: the Qwen-shaped learner and worker go first.
+        for owned in (worker, learner):
+            if owned is not None:
+                owned.close()
+        worker = learner = None
+        for part, run_part in (("softcap", lambda: run_softcap(args, report, folder, device, dtype_name)),
+                               ("nccl", lambda: run_nccl(report))):
+            if part not in parts:
+                continue
+            if part in GPU_ONLY_PARTS and device.type != "cuda":
+                report.line(f"{part}: SKIPPED, it needs a GPU")
+                report.results["skipped"].append(part)
+            elif budget_left(report, args, part, on_gpu_full):
+                try:
+                    run_part()
+                except Exception as exc:  # the other parts still run; the error is in the JSON
+                    status = "error"
+                    report.results["errors"][part] = f"{type(exc).__name__}: {exc}"
+                    report.line(f"{part}: FAILED: {type(exc).__name__}: {exc}")
+
     except BaseException as exc:
         status = "error"
         report.results["errors"]["setup"] = f"{type(exc).__name__}: {exc}"

@@ -167,7 +167,7 @@ def test_tiny_check_runs_every_part_and_reports_positive_figures(tmp_path):
 def test_an_exhausted_budget_skips_every_part_and_still_prints_the_json_line(tmp_path):
     proc, result = run_check(tmp_path, "--tiny", "--budget-s", "0")
     assert result["status"] == "partial" and result["errors"] == {}
-    assert sorted(result["skipped"]) == ["learner", "rollout", "sync"], result
+    assert sorted(result["skipped"]) == ["learner", "rollout", "softcap", "sync"], result
     assert "mfu" not in result and "SKIPPED" in proc.stdout
 
 

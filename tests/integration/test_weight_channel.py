@@ -6,7 +6,8 @@ import time
 import pytest
 import torch
 
-from actors.weight_channel import ChannelSpec, WeightChannel, WeightSyncError, host_store, receive, send
+from actors.weight_channel import (ChannelSpec, WeightChannel, WeightSyncError, host_store, receive, receive_into,
+                                   send)
 from eva_ray.weights import spec_of
 
 
@@ -116,3 +117,130 @@ def test_channel_spec_rejects_bad_values():
         ChannelSpec("h", 1, 2, "mpi", 1, 1.0, ())
     with pytest.raises(ValueError, match="at least one receiver"):
         ChannelSpec("h", 1, 1, "gloo", 1, 1.0, ())
+
+
+# ------------------------------------------------------------------------------ failures, as NCCL now has them too
+# gloo raises where NCCL used to hang or kill the process; the channel now gives both the same behaviour (every wait
+# has a timeout; a rank that fails keeps taking part until the verdict), and these tests pin that behaviour down.
+
+
+def test_a_receiver_whose_sender_never_sends_raises_after_the_timeout_instead_of_hanging():
+    manifest = [spec_of(n, t) for n, t in weights()]
+
+    def work(rank, channel):
+        if rank == 0:
+            time.sleep(6)  # alive, but never sends
+            return None
+        start = time.monotonic()
+        try:
+            receive(channel)
+        except WeightSyncError as exc:
+            return exc, time.monotonic() - start, channel.closed
+        return None
+
+    results = run_ranks(2, manifest, work, timeout_s=2.0)
+    error, waited, closed = results[1]
+    assert "receiving the sync header failed" in str(error) and 1.5 < waited < 5 and closed
+
+
+def test_a_rejecting_receiver_does_not_hang_its_peers_and_every_rank_names_it():
+    items = weights()
+    manifest = [spec_of(n, t) for n, t in items]
+
+    def work(rank, channel):
+        if rank == 2:
+            channel.digest += 1  # this rank planned another policy: it rejects the header
+        start = time.monotonic()
+        try:
+            if rank == 0:
+                send(channel, 4, iter(items))
+            else:
+                receive_into(channel, lambda tensors: [None for _ in tensors])
+        except WeightSyncError as exc:
+            return exc, time.monotonic() - start, channel.closed
+        return None
+
+    results = run_ranks(3, manifest, work, timeout_s=30.0)
+    for rank in range(3):
+        error, waited, closed = results[rank]
+        # Released by the verdict, not by a broken connection or the 30 s timeout.
+        assert "failed on rank 2 (an engine worker)" in str(error) and "disagree on the policy" in str(error)
+        assert waited < 10 and closed, (rank, error, waited)
+
+
+def test_an_engine_that_cannot_load_a_tensor_keeps_taking_part_and_the_sync_fails_on_every_rank():
+    items = weights()
+    manifest = [spec_of(n, t) for n, t in items]
+
+    def work(rank, channel):
+        got = []
+
+        def load(tensors):
+            for spec, tensor in tensors:
+                if rank == 1 and spec.names == ("norm",):
+                    raise RuntimeError("no room for norm")
+                got.append((spec.names, tensor.clone()))
+
+        start = time.monotonic()
+        try:
+            if rank == 0:
+                send(channel, 5, iter(items))
+            else:
+                receive_into(channel, load)
+        except WeightSyncError as exc:
+            return exc, time.monotonic() - start, got
+        return None
+
+    results = run_ranks(3, manifest, work, timeout_s=30.0)
+    for rank in range(3):
+        error, waited, _ = results[rank]
+        assert "rank 1 (an engine worker): loading version 5: RuntimeError: no room for norm" in str(error)
+        assert waited < 10, (rank, waited)
+    # The healthy receiver got the whole policy before the verdict failed the sync.
+    _, _, got = results[2]
+    assert [names for names, _ in got] == [tuple(n) for n, _ in items]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, items))
+
+
+def test_a_sync_after_an_agreed_failure_is_refused_clearly():
+    items = weights()
+    manifest = [spec_of(n, t) for n, t in items]
+
+    def work(rank, channel):
+        def fail(tensors):
+            raise ValueError("bad engine")
+
+        with pytest.raises(WeightSyncError):
+            send(channel, 1, iter(items)) if rank == 0 else receive_into(channel, fail)
+        with pytest.raises(WeightSyncError, match="closed"):
+            send(channel, 2, iter(items)) if rank == 0 else receive_into(channel, fail)
+        return True
+
+    assert run_ranks(2, manifest, work) == {0: True, 1: True}
+
+
+def test_nccl_groups_are_built_with_blocking_waits_and_without_the_teardown_watchdog(monkeypatch):
+    """The settings the NCCL group is built with (the group itself needs GPUs: scripts/gpu_check.py checks it)."""
+    import os
+
+    import torch.distributed as dist
+
+    from actors import weight_channel
+
+    seen = {}
+
+    class Recorder:
+        class Options:
+            pass
+
+        def __init__(self, store, rank, world_size, options):
+            seen.update({key: os.environ.get(key) for key in weight_channel.NCCL_GROUP_ENV}, timeout=options._timeout)
+
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", Recorder, raising=False)  # absent from CPU builds of torch
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    import datetime
+
+    weight_channel.nccl_group(None, 0, 2, datetime.timedelta(seconds=7))
+    assert seen == {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "0",
+                    "timeout": datetime.timedelta(seconds=7)}
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"  # the process's own setting is back

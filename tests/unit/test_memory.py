@@ -170,3 +170,27 @@ def test_shapes_come_from_shipped_files_tiny_models_and_clear_errors():
     assert find_model_shape("tiny:policy").hidden == 64
     with pytest.raises(Exception, match="configs/models/no-such-model/config.json"):
         find_model_shape("org/no-such-model")
+
+
+def test_soft_capped_attention_counts_the_eager_score_matrices(qwen, gemma):
+    from eva_ray.memory import eager_score_bytes
+
+    assert gemma.attention_softcap and not qwen.attention_softcap
+    assert eager_score_bytes(qwen, 2, 2048, qwen.layers) == 0
+    assert eager_score_bytes(gemma, 2, 2048, 1) == 8 * gemma.heads * 2048 ** 2 * 2
+    setup = LearnerSetup(zero_stage=3, ranks=2, micro_batch=2, seq_len=2048, checkpointing=True)
+    full = learner_memory(gemma, LearnerSetup(**{**vars(setup), "checkpointing": False})).terms["activations"]
+    checkpointed = learner_memory(gemma, setup).terms["activations"]
+    assert full - checkpointed > (gemma.layers - 1) * eager_score_bytes(gemma, 2, 2048, 1) * 0.99
+
+
+def test_the_reward_model_is_counted_in_its_dtype(gemma):
+    from eva_ray.memory import reward_memory
+
+    plan = make_plan(load_config(RLOO, FOUR_RANKS + ["reward.dtype=float32"]), Target(1, 8, 80))
+    bf16 = make_plan(load_config(RLOO, FOUR_RANKS), Target(1, 8, 80))
+    weights = [{u.actor: u.estimate.terms["weights"] for u in p.gpus}["reward-0"] for p in (plan, bf16)]
+    assert weights[0] == 2 * weights[1]
+    half = reward_memory(gemma, 4, 512).terms
+    full = reward_memory(gemma, 4, 512, "float32").terms
+    assert full["weights"] == 2 * half["weights"] and full["activations"] == 2 * half["activations"]
