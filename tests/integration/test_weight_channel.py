@@ -75,7 +75,7 @@ def test_receivers_that_planned_another_policy_refuse_the_sync_with_a_clear_erro
 
     results = run_ranks(2, manifest, work, receiver_manifest=other)
     assert isinstance(results[1], WeightSyncError) and "disagree on the policy" in str(results[1])
-    assert isinstance(results[0], WeightSyncError)  # the receiver left; the sender's next bucket fails
+    assert isinstance(results[0], WeightSyncError)  # the receiver rejected the header at its verdict
 
 
 def test_a_sender_whose_tensors_differ_from_the_manifest_fails_and_its_receivers_are_released():
@@ -97,7 +97,7 @@ def test_a_sender_whose_tensors_differ_from_the_manifest_fails_and_its_receivers
     results = run_ranks(2, manifest, work, timeout_s=30.0)
     assert isinstance(results[0], WeightSyncError) and "['other']" in str(results[0])
     error, waited = results[1]
-    assert isinstance(error, WeightSyncError) and waited < 15  # released by the sender's close, not the timeout
+    assert isinstance(error, WeightSyncError) and waited < 15  # released by the end verdict, not the timeout
 
 
 def test_a_closed_channel_says_so_instead_of_hanging():
