@@ -481,12 +481,12 @@ def write_markdown(path: Path, by_arm: dict[str, list[dict]], args: argparse.Nam
             cells = [arm_stats(by_arm[arm], k)[0] for k in
                      ["expected_accuracy", *(f"expected_accuracy_level_{d}" for d in expected_levels)]]
             lines.append(f"| {arm} | " + " | ".join(fmt(c) if c["n"] else "–" for c in cells) + " |")
-    if any(x["health"] for seeds in by_arm.values() for x in seeds):
+    if any(x.get("health") for seeds in by_arm.values() for x in seeds):
         lines += ["", "## Creator health over the last window of each run (mean over seeds)", "",
                   "| arm | reward spread | skill coverage | corr(info, p(1-p)) | corr(info, p) | seeds starving |",
                   "|---|---|---|---|---|---|"]
         for arm in arms:
-            hs = [x["health"] for x in by_arm[arm] if x["health"]]
+            hs = [x["health"] for x in by_arm[arm] if x.get("health")]
 
             def mean(key: str) -> str:
                 vals = [h[key] for h in hs if h.get(key) is not None and math.isfinite(h[key])]

@@ -75,7 +75,7 @@ def test_the_config_allows_exactly_the_registered_methods(toy_method):
     cfg = load_config("configs/tiny.yaml", ["evolve.method=toy"])
     assert cfg.evolve.method == "toy"
     with pytest.raises(ConfigError, match=r"evolve.method: 'toy2' is not allowed; allowed: llm, curriculum, none, "
-                                          r"toy$"):
+                                          r"replay, toy$"):
         load_config("configs/tiny.yaml", ["evolve.method=toy2"])
     with pytest.raises(ValueError, match="registered already"):
         register_evolve_method(EvolveMethod("toy", lambda cfg, validator, llm: None))
