@@ -330,12 +330,13 @@ def peer_bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def creator_bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     def run_one(arm: str, r: int) -> dict[str, Any]:
         work = root / f"{arm}-r{r + 1}"
-        # The default run as it ships, but for its length, the evolve method, and no held-out evaluation (outside
+        # The chain_sum run as it ships (the default run when this was measured), but for its length, the evolve method, and no held-out evaluation (outside
         # the step either way, and minutes on top).
         # Without a creator nothing refills the buffer once D is used up (step 125 of the default run), so the static
         # arm passes over D again, as the experiment's static-D baseline does.
         static = ["creator.seed_epochs=100"] if arm == "none" else []
-        cmd = eva_cmd(f"run.total_steps={args.creator_steps}", "logging.eval_every=0", "world.eval_per_level=0",
+        cmd = eva_cmd("--config", str(REPO / "configs" / "chain_sum.yaml"), f"run.total_steps={args.creator_steps}",
+                      "logging.eval_every=0", "world.eval_per_level=0",
                       f"evolve.method={arm}", *static, f"run.output_dir={work / 'runs'}",
                       "logging.wandb_mode=disabled")
         return run_eva(arm, cmd, work, args.arm_timeout)
