@@ -34,3 +34,12 @@ def lr_multiplier(schedule: str, total_updates: int, warmup_ratio: float) -> Cal
         return 1.0
 
     return factor
+
+
+def warmup_cosine(step: int, *, lr: float, min_lr: float, warmup: int, horizon: int) -> float:
+    """The learning rate of ``step`` (0-based) in the solvers' pretraining scripts: a linear warm-up to ``lr`` over
+    ``warmup`` steps, then cosine to ``min_lr`` at ``horizon``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, horizon - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))

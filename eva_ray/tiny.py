@@ -74,6 +74,17 @@ def tiny_policy(tokenizer, *, seed: int = 0, **shape):
     return LlamaForCausalLM(config)
 
 
+def tiny_solver(tokenizer, *, seed: int = 0, **shape):
+    """:func:`tiny_policy` with a plain generation config (eos, pad, bos only): what the worlds' pretraining scripts
+    train and ship, so no sampling default of transformers' rides along."""
+    from transformers import GenerationConfig
+
+    model = tiny_policy(tokenizer, seed=seed, **shape)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                               bos_token_id=tokenizer.bos_token_id)
+    return model
+
+
 def tiny_reward_model(tokenizer, *, seed: int = 1, **shape):
     """A randomly initialised one-logit sequence classifier: a pointwise reward model whose scores mean nothing."""
     import torch

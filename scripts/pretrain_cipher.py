@@ -41,7 +41,8 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from eva_ray.tiny import char_tokenizer, tiny_llama_config  # noqa: E402
+from eva_ray.lr_schedule import warmup_cosine  # noqa: E402
+from eva_ray.tiny import char_tokenizer, tiny_solver  # noqa: E402
 from eva_ray.worlds.cipher import CipherWorld  # noqa: E402
 
 MODEL_SHAPE = dict(hidden=64, layers=2, heads=2, intermediate=256, max_positions=32)
@@ -64,14 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-per-level", type=int, default=200)
     p.add_argument("--log-every", type=int, default=200)
     return p.parse_args(argv)
-
-
-def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, horizon: int) -> float:
-    """Linear warm-up to ``lr``, then cosine to ``min_lr`` at ``horizon``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, horizon - warmup))
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + np.cos(np.pi * progress))
 
 
 class NoisyCipherData:
@@ -116,16 +109,7 @@ class NoisyCipherData:
 
 
 def build_model(tokenizer: Any, seed: int) -> Any:
-    from transformers import GenerationConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = tiny_llama_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **MODEL_SHAPE)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id,
-                                               bos_token_id=tokenizer.bos_token_id)
-    return model
+    return tiny_solver(tokenizer, seed=seed, **MODEL_SHAPE)
 
 
 @torch.no_grad()
@@ -165,7 +149,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model.train()
     for step in range(args.steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, horizon=args.steps)
+            group["lr"] = warmup_cosine(step, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, horizon=args.steps)
         ids, targets, start = data.batch(rng, args.batch_size)
         logits = model(input_ids=ids).logits[:, start - 1:-1]  # the positions that predict the answer and its eos
         loss = -(targets * torch.log_softmax(logits.float(), -1)).sum(-1).mean()

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -50,7 +49,8 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from eva_ray.tiny import char_tokenizer, tiny_llama_config  # noqa: E402
+from eva_ray.lr_schedule import warmup_cosine  # noqa: E402
+from eva_ray.tiny import char_tokenizer, tiny_solver  # noqa: E402
 from eva_ray.worlds import chain_sum  # noqa: E402
 
 MODEL_SHAPE = dict(hidden=128, layers=4, heads=4, intermediate=512, max_positions=128)
@@ -79,14 +79,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-levels", default="1,2,3,4,5")
     p.add_argument("--log-every", type=int, default=100)
     return p.parse_args(argv)
-
-
-def lr_at(step: int, *, lr: float, min_lr: float, warmup: int, horizon: int) -> float:
-    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine to ``min_lr`` at ``horizon``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, horizon - warmup))
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 class Encoder:
@@ -123,16 +115,7 @@ def sample_tasks(rng: np.random.Generator, n: int, levels: list[int], probs: np.
 
 
 def build_model(tokenizer: Any, seed: int) -> Any:
-    from transformers import GenerationConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = tiny_llama_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **MODEL_SHAPE)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id,
-                                               bos_token_id=tokenizer.bos_token_id)
-    return model
+    return tiny_solver(tokenizer, seed=seed, **MODEL_SHAPE)
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -173,7 +156,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 horizon = CALIBRATE[1] + int((args.time_budget - elapsed) / per_step)
                 print(f"horizon: {horizon} steps ({per_step * 1000:.0f} ms/step); reproduce with --steps {horizon}",
                       flush=True)
-        lr = lr_at(step, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
+        lr = warmup_cosine(step, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
                    horizon=horizon if horizon is not None else 10**9)
         for group in opt.param_groups:
             group["lr"] = lr

@@ -48,9 +48,10 @@ def test_sft_example_is_the_rollout_format_with_loss_on_the_response_only(script
 
 
 def test_lr_schedule(script):
+    lr_at = script.warmup_cosine  # the pretraining scripts' schedule (eva_ray.lr_schedule)
     kw = dict(lr=1e-3, min_lr=1e-4, warmup=50, horizon=1000)
-    assert script.lr_at(0, **kw) == pytest.approx(2e-5) and script.lr_at(49, **kw) == pytest.approx(1e-3)
-    assert script.lr_at(1000, **kw) == pytest.approx(1e-4) and script.lr_at(5000, **kw) == pytest.approx(1e-4)
+    assert lr_at(0, **kw) == pytest.approx(2e-5) and lr_at(49, **kw) == pytest.approx(1e-3)
+    assert lr_at(1000, **kw) == pytest.approx(1e-4) and lr_at(5000, **kw) == pytest.approx(1e-4)
 
 
 def test_pretraining_runs_saves_a_loadable_folder_and_is_deterministic(script, tmp_path):
