@@ -1,6 +1,6 @@
 """Pretrain (SFT) the chain_sum world's solver: a 1.06M-parameter Llama that answers bare expressions like ``57-87=``.
 
-The model and the format are those of ``notes/proving-ground-feasibility.md``: Llama with hidden 128, 4 layers,
+The model and the format were chosen in an early feasibility study of this world: Llama with hidden 128, 4 layers,
 4 heads, FFN 512, tied embeddings; eva-ray's character-level chat tokenizer (:func:`eva_ray.tiny.char_tokenizer`,
 103 ids, so the checkpoint works with every code path that already handles the tiny models). Every example is
 exactly what the rollout worker will feed and expect:

@@ -5,8 +5,7 @@ number of digits of every operand (1..5; a 1-digit operand is 0..9) and ``num_te
 Tasks come from reasoning-gym's own generator (:class:`ChainSumDataset` with ``min_digits = max_digits = d`` and
 ``min_terms = max_terms = num_terms``) and are scored by its own verifier (``score_answer``). Only the prompt is
 reduced: reasoning-gym asks ``State the final answer to the following arithmetic problem: 57 - 87 =``; the solver
-sees the bare expression ``57-87=`` (short prompts keep a tiny model's steps cheap; see
-``notes/proving-ground-feasibility.md``).
+sees the bare expression ``57-87=`` (short prompts keep a tiny model's steps cheap).
 
     from eva_ray.worlds import chain_sum
     D = chain_sum.seed_set(2000, {1: .2, 2: .2, 3: .2, 4: .2, 5: .2}, seed=0)   # PromptRecords, meta filled
