@@ -121,8 +121,8 @@ def eva_config(model_dir: str, data_path: str, *, steps: int, output_dir: str,
                n_prompts: int = N_PROMPTS) -> dict[str, Any]:
     """The eva-ray config of this work, as the nested mapping a YAML config file holds (defaults fill the rest).
 
-    A config file of its own, not overrides: without ``--config``, ``eva-ray run`` starts from the chain_sum
-    proving ground, whose world and settings would leak into the run.
+    A config file of its own, not overrides: without ``--config``, ``eva-ray run`` starts from the default run (the
+    cipher world), whose world and settings would leak into the run.
     """
     return {
         "run": {"name": "peer", "total_steps": steps, "output_dir": output_dir},

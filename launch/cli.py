@@ -1,6 +1,6 @@
 """The `eva-ray` command line.
 
-    eva-ray run                                                      # the default: the chain_sum proving ground
+    eva-ray run                                                      # the default: the cipher world
     eva-ray run --config configs/tiny.yaml solver.algorithm=oaif     # one online eva run (local Ray, or the
                                                                     # cluster of `ray job submit`)
     eva-ray run --config configs/tiny.yaml --inline                 # the same without Ray
@@ -127,8 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted overrides")
     show.set_defaults(handler=_config_command)
     go = commands.add_parser("run", help="run online eva")
-    go.add_argument("--config", help="YAML config file (default: the chain_sum proving ground, "
-                                     "launch/default_run.yaml)")
+    go.add_argument("--config", help="YAML config file (default: the cipher world, launch/default_run.yaml)")
     go.add_argument("--inline", action="store_true", help="run every actor in this process, without Ray")
     go.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest intact checkpoint, or "
                                                         "from the checkpoint folder RUN_DIR/checkpoints/step-N "

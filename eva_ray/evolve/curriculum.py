@@ -49,7 +49,6 @@ from eva_ray.evolve.validate import (
 from eva_ray.records import PromptRecord, make_child
 from eva_ray.worlds import World, make_world
 from eva_ray.worlds.base import AT_MAX_DIFFICULTY, AT_MIN_DIFFICULTY, EASIER, HARDER
-from eva_ray.worlds.chain_sum import AT_MAX_TERMS
 
 DEFAULT_WEIGHTS: dict[str, float] = {"harder": 0.4, "sibling": 0.4, "easier": 0.2}
 """Mostly a step past the parent or beside it; the parents are already the most informative prompts (at the
@@ -236,5 +235,5 @@ class CurriculumEvolver:
         raise NotImplementedError("tree best-of-N needs an LLM judge; evolve.method 'curriculum' does not support it")
 
 
-__all__ = ["AT_MAX_DIFFICULTY", "AT_MAX_TERMS", "AT_MIN_DIFFICULTY", "CurriculumEvolver", "DEFAULT_WEIGHTS",
+__all__ = ["AT_MAX_DIFFICULTY", "AT_MIN_DIFFICULTY", "CurriculumEvolver", "DEFAULT_WEIGHTS",
            "ExactTextValidator", "NOT_A_TASK"]

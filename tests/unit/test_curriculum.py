@@ -10,7 +10,6 @@ pytest.importorskip("reasoning_gym")
 
 from eva_ray.evolve.curriculum import (  # noqa: E402
     AT_MAX_DIFFICULTY,
-    AT_MAX_TERMS,
     AT_MIN_DIFFICULTY,
     NOT_A_TASK,
     CurriculumEvolver,
@@ -20,6 +19,7 @@ from eva_ray.evolve.validate import DUPLICATE_IN_BUFFER, EvolveValidator  # noqa
 from eva_ray.records import PromptRecord, child_id  # noqa: E402
 from eva_ray.worlds import chain_sum as w  # noqa: E402
 from eva_ray.worlds import make_world  # noqa: E402
+from eva_ray.worlds.chain_sum import AT_MAX_TERMS  # noqa: E402
 
 
 def parent(d: int, k: int = 2, seed: int = 0, pid: str | None = None, info: float | None = 0.5) -> PromptRecord:
