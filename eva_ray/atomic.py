@@ -94,23 +94,27 @@ def remove_stale(parent: Path) -> list[Path]:
 
 
 @contextmanager
-def staged_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
+def staged_dir(final: str | os.PathLike[str], *, create: bool = True) -> Iterator[Path]:
     """A folder written under ``.tmp-<name>`` beside ``final`` and renamed to ``final`` once the block succeeds.
 
     A ``final`` that exists already is replaced only after the new folder is complete (it is moved aside, the new
     one renamed in, then the old one deleted). If the block raises, the temp folder is removed and ``final`` is as
-    it was.
+    it was. ``create=False`` leaves making the folder to the writer (``save_pretrained`` makes its own); a writer
+    that made nothing leaves ``final`` as it was.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    if create:
+        tmp.mkdir()
+    old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
     try:
         yield tmp
+        if not tmp.exists():
+            return
         fsync_tree(tmp)
-        old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
         if final.exists():
             if old.exists():
                 shutil.rmtree(old)

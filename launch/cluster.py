@@ -129,7 +129,7 @@ class System:
         still_running = ask(self.creator, "drain", 30.0)
         ask(self.creator, "snapshot", str(run_dir / "buffer.json"))
         try:  # the policy folder is replaced only once complete: a full disk keeps the previous one
-            with staged_dir(run_dir / "policy") as staging:
+            with staged_dir(run_dir / "policy", create=False) as staging:  # save_pretrained makes the folder
                 gather([self.learner.call("save", str(staging))])
         except Exception as exc:  # noqa: BLE001 - recorded like the other steps
             errors.append(f"{self.learner.name}.save: {type(exc).__name__}: {str(exc).strip()[:300]}")

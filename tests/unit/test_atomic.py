@@ -86,3 +86,13 @@ def test_torch_save_cut_short_by_a_full_disk_gives_its_space_back_with_the_temp_
         # through the error's frames and kept the unlinked file's blocks; test_storage_faults covers that case.)
         assert list(disk.iterdir()) == []
         assert shutil.disk_usage(disk).free >= free - 64 * 1024
+
+
+def test_a_writer_that_makes_its_own_folder_or_writes_nothing(tmp_path):
+    with staged_dir(tmp_path / "policy", create=False) as tmp:
+        tmp.mkdir()  # as save_pretrained does
+        (tmp / "config.json").write_text("{}")
+    with staged_dir(tmp_path / "policy", create=False):
+        pass  # a learner rank that holds no weights writes nothing: the policy stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
+    assert (tmp_path / "policy" / "config.json").read_text() == "{}"
