@@ -59,7 +59,7 @@ class _Learner:
     def save(self, path):
         from pathlib import Path
 
-        Path(path).mkdir(parents=True, exist_ok=True)  # the run stages the folder first
+        Path(path).mkdir(parents=True)
         (Path(path) / "config.json").write_text("{}")
 
     def distance_from_reference(self):
