@@ -382,11 +382,17 @@ def arm_stats(seeds: list[dict], key: str) -> tuple[dict, dict]:
 
 
 def verdict(by_arm: dict[str, list[dict]]) -> str:
-    """One plain sentence on what the overall numbers show; differences inside the seed spread are called noise."""
-    if "eva" not in by_arm or len(by_arm) < 2:
+    """One plain sentence on what the overall numbers show; differences inside the seed spread are called noise.
+
+    The arm compared with the others is ``eva``, else the first finished arm whose name starts with ``eva`` (a
+    variant such as ``eva_steer`` when the paper's ``eva`` did not finish)."""
+    ref = "eva" if "eva" in by_arm else next((a for a in by_arm if a.startswith("eva")), None)
+    if ref is None or len(by_arm) < 2:
         return "Only one arm finished, so there is no comparison to draw."
-    eva_f, eva_d = arm_stats(by_arm["eva"], "accuracy")
-    others = {a: arm_stats(s, "accuracy") for a, s in by_arm.items() if a != "eva"}
+    eva_f, eva_d = arm_stats(by_arm[ref], "accuracy")
+    others = {a: arm_stats(s, "accuracy") for a, s in by_arm.items() if a != ref and not a.startswith("eva")}
+    if not others:
+        return "Only eva variants finished, so there is no comparison with a baseline to draw."
     best = max(others, key=lambda a: others[a][0]["mean"])
     best_f = others[best][0]
     diff = eva_f["mean"] - best_f["mean"]
@@ -394,18 +400,18 @@ def verdict(by_arm: dict[str, list[dict]]) -> str:
     # With one seed there is no spread to compare against; with more, a gap smaller than either arm's seed std is
     # not evidence of anything.
     noise = max(eva_f["std"], best_f["std"])
-    parts = [f"eva ends at {eva_f['mean']:.3f} held-out accuracy ({signed(eva_d['mean'])} from the start); "
+    parts = [f"{ref} ends at {eva_f['mean']:.3f} held-out accuracy ({signed(eva_d['mean'])} from the start); "
              f"the best other arm, {best}, ends at {best_f['mean']:.3f} ({signed(others[best][1]['mean'])})."]
     if n < 2:
         parts.append(f"With {n} seed per arm there is no seed spread, so this gap ({signed(diff)}) says nothing yet.")
     elif abs(diff) <= noise:
         parts.append(f"The gap ({signed(diff)}) is within the seed spread (std up to {noise:.3f}): no arm is "
-                     "distinguishable from eva on these numbers.")
+                     f"distinguishable from {ref} on these numbers.")
     elif diff > 0:
-        parts.append(f"eva is ahead of every other arm, by {signed(diff)} over {best}, more than the seed std "
+        parts.append(f"{ref} is ahead of every other arm, by {signed(diff)} over {best}, more than the seed std "
                      f"({noise:.3f}).")
     else:
-        parts.append(f"eva does not win: {best} is ahead by {-diff:.3f}, more than the seed std ({noise:.3f}).")
+        parts.append(f"{ref} does not win: {best} is ahead by {-diff:.3f}, more than the seed std ({noise:.3f}).")
     return " ".join(parts)
 
 
