@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-REFERENCE_ARMS = ("static", "uniform_all", "eva", "eva_reuse")
+REFERENCE_ARMS = ("static", "uniform_all", "eva_steer", "eva")
 
 
 def reference_file(world: str) -> Path:
