@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from eva_ray.evolve.base import PromptEvolver
 from eva_ray.evolve.evolver import EvolveBatch, EvolveCounts
 from eva_ray.evolve.validate import (
     DUPLICATE_IN_BUFFER,
@@ -123,7 +124,7 @@ def _weights(operators: Sequence[str] | None, weights: Sequence[float] | Mapping
     return names, w / w.sum()
 
 
-class CurriculumEvolver:
+class CurriculumEvolver(PromptEvolver):
     """Evolves a world's prompts along its knobs; see the module docstring.
 
     ``world`` is a :class:`~eva_ray.worlds.base.World` or a registered world's name (built with default params).

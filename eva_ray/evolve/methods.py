@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from eva_ray.evolve.base import PromptEvolver
 from eva_ray.evolve.curriculum import CurriculumEvolver, ExactTextValidator
-from eva_ray.evolve.evolver import Complete, EvolveBatch, Evolver, TreeBoNEvolver
+from eva_ray.evolve.evolver import Complete, Evolver, TreeBoNEvolver
 from eva_ray.evolve.judge import llm_judge_scorer
 from eva_ray.evolve.operators import validate_operators
 from eva_ray.evolve.replay import ReplayEvolver
@@ -29,10 +29,7 @@ from eva_ray.evolve.validate import EvolveValidator
 from eva_ray.worlds import WORLDS, get_world, world_of
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from eva_ray.config import Config, EvolveConfig
-    from eva_ray.records import PromptRecord
 
 OpenLLM = Callable[[], Complete]
 """Opens the evolve LLM and returns its ``complete``; the creator's binding (LiteLLM) or a test's fake."""
@@ -110,22 +107,10 @@ def build_llm(cfg: Config, validator: EvolveValidator, llm: OpenLLM) -> PromptEv
     return evolver
 
 
-class _Curriculum(PromptEvolver):
-    """A :class:`CurriculumEvolver` as a :class:`PromptEvolver`: it draws as it runs, its state is its generator."""
-
-    def __init__(self, evolver: CurriculumEvolver) -> None:
-        self.evolver = evolver
-        self.rng = evolver.rng
-
-    async def evolve(self, parents: Sequence[PromptRecord], n_children: int, *, step: int) -> EvolveBatch:
-        return await self.evolver.evolve(parents, n_children, step=step)
-
-
 def build_curriculum(cfg: Config, validator: EvolveValidator, llm: OpenLLM) -> PromptEvolver:
     """A procedural world evolves by moving tasks along its difficulty knobs: no LLM involved."""
-    return _Curriculum(CurriculumEvolver(world=world_of(cfg), operators=cfg.evolve.operators,
-                                         weights=cfg.evolve.operator_weights, validator=validator,
-                                         rng_seed=cfg.run.seed + 1, steer=cfg.evolve.steer_by_success))
+    return CurriculumEvolver(world=world_of(cfg), operators=cfg.evolve.operators, weights=cfg.evolve.operator_weights,
+                             validator=validator, rng_seed=cfg.run.seed + 1, steer=cfg.evolve.steer_by_success)
 
 
 def exact_validator(cfg: EvolveConfig) -> EvolveValidator:
