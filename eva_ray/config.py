@@ -29,7 +29,7 @@ from eva_ray.evolve.operators import STYLES
 from eva_ray.informativeness import DEFAULT_METRIC, METRICS
 from eva_ray.losses import LOSSES, get_loss
 from eva_ray.losses.choices import AGGREGATIONS, CORRECTIONS, DPO_LOSS_TYPES, KL_ESTIMATOR_NAMES, KL_MODES
-from eva_ray.lr_schedule import LR_SCHEDULES
+from eva_ray.lr_schedule import LR_SCHEDULES, OPTIMIZERS
 from eva_ray.sampling import SAMPLING_MODES
 from eva_ray.worlds import WORLDS, WorldParamError, get_world, make_world
 
@@ -78,6 +78,9 @@ class RunConfig:
                         "the weights the rollout group has (one version behind; needs learner.max_staleness >= "
                         "learner.sync_every). auto: on under Ray, off inline (one process has nothing to overlap).",
                         choices=("auto", "on", "off"))
+    mode: str = knob("online", "online: eva per minibatch with RLOO / OAIF (creator.*). offline: the paper's "
+                     "iterative preference optimisation, the prompt set evolved between iterations (offline.*).",
+                     choices=("online", "offline"))
 
 
 @dataclass
@@ -350,6 +353,50 @@ class ClusterConfig:
 
 
 @dataclass
+class OfflineConfig:
+    iterations: int = knob(3, "Iterations: each generates responses for a prompt set, pairs them and trains on them, "
+                           "starting from the previous iteration's policy (paper: 3).", ge=1)
+    prompts_per_iteration: int = knob(10000, "Prompts in each iteration's set (paper: 10K UltraFeedback prompts).",
+                                      ge=1)
+    responses_per_prompt: int = knob(6, "Responses generated per prompt, for the pairs and for informativeness "
+                                     "(paper: 6).", ge=2)
+    arm: str = knob("eva", "eva: iteration t+1 trains on prompts evolved from iteration t's set. static: it trains "
+                    "on fresh prompts of D instead (the paper's baseline).", choices=("eva", "static"))
+    metric: str = knob(DEFAULT_METRIC["offline"], "Informativeness metric of the evolve step (paper offline: a_min).",
+                       choices=METRICS)
+    info_fraction: float = knob(0.25, "Share of the set drawn, weighted by informativeness, to be evolved (paper: "
+                                "0.25).", gt=0, le=1)
+    children: int = knob(4, "Children evolved per drawn prompt (paper: 4).", ge=1)
+    evolved_share: float = knob(0.8, "Share of the next set taken from the evolved children; the rest comes from "
+                                "the current set (paper: 0.8).", ge=0, le=1)
+    estimate: str = knob("fresh", "Informativeness of the current set: fresh responses of the policy just trained "
+                         "(costs one more generation pass per iteration), or reuse the rewards of the responses "
+                         "it was trained on.", choices=("fresh", "reuse"))
+    win_rates: str = knob("auto", "SPPO's P(y > pi): pointwise (Bradley-Terry sigmoid(r_i - r_j) from pointwise "
+                          "rewards) or pairwise (the pairwise reward model compares every two responses); auto: "
+                          "pairwise when reward.backend is pairwise.", choices=("auto", "pointwise", "pairwise"))
+    shard_prompts: int = knob(256, "Prompts per generation shard: the unit written to disk and kept on resume.",
+                              ge=1)
+    checkpoint_every: int = knob(50, "Write a resumable learner checkpoint every N optimizer updates inside an "
+                                 "iteration (and at every epoch's end); 0: only at epoch ends.", ge=0)
+    beta: float | None = knob(None, "The loss's beta (SimPO's beta, ORPO's lambda); unset: the loss's published "
+                              "value. solver.beta is the online knob.", gt=0)
+    lr: float | None = knob(None, "Peak learning rate; unset: the loss's published value.", gt=0)
+    lr_schedule: str | None = knob(None, "Schedule within an iteration; unset: the loss's.", choices=LR_SCHEDULES)
+    warmup_ratio: float | None = knob(None, "Warm-up share of each iteration; unset: the loss's.", ge=0, le=1)
+    optimizer: str | None = knob(None, "adamw or rmsprop; unset: the loss's (SPPO: rmsprop).",
+                                 choices=OPTIMIZERS)
+    epochs: int | None = knob(None, "Passes over an iteration's pairs; unset: the loss's.", ge=1)
+    batch_size: int | None = knob(None, "Pairs per optimizer update; unset: the loss's.", ge=1)
+    max_length: int | None = knob(None, "Longest prompt + response trained on, in tokens (longer responses are "
+                                  "cut); unset: the loss's.", ge=2)
+    max_prompt_length: int | None = knob(None, "Longest prompt trained on (left-truncated); unset: the loss's.",
+                                         ge=1)
+    rewrite: bool = knob(False, "Rewrite each chosen response with the evolve LLM before pairing (paper H.2.1: "
+                         "'rewriter' in the solver step).")
+
+
+@dataclass
 class Config:
     """The whole run. Sections mirror the system's parts."""
 
@@ -358,6 +405,8 @@ class Config:
     data: DataConfig = section(DataConfig, "The seed prompt set D.")
     world: WorldConfig = section(WorldConfig, "A built-in verifiable task world (replaces data when set).")
     creator: CreatorConfig = section(CreatorConfig, "Online eva: phases, informativeness, buffer sampling.")
+    offline: OfflineConfig = section(OfflineConfig, "Offline eva (run.mode=offline): iterations, the evolve step, "
+                                     "the loss's training recipe.")
     evolve: EvolveConfig = section(EvolveConfig, "How parents are evolved into new prompts.")
     solver: SolverConfig = section(SolverConfig, "The policy-optimisation algorithm and its loss.")
     rollout: RolloutConfig = section(RolloutConfig, "Response generation.")

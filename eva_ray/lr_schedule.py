@@ -6,6 +6,8 @@ import math
 from collections.abc import Callable
 
 LR_SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "rmsprop")
+"""The learner's optimizers (``learner.optimizer``): AdamW, or RMSprop (SPPO's published recipe)."""
 
 
 def lr_multiplier(schedule: str, total_updates: int, warmup_ratio: float) -> Callable[[int], float]:

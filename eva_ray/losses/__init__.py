@@ -18,7 +18,8 @@ import importlib
 from operator import attrgetter
 from typing import Any
 
-from eva_ray.losses.registry import LOSSES, UNITS, VIEWS, LossSpec, get_loss, register_loss
+from eva_ray.losses.registry import (LOSSES, TARGETS, UNITS, VIEWS, LossSpec, TrainingDefaults, get_loss,
+                                     register_loss)
 
 register_loss(LossSpec("rloo", "eva_ray.losses.rloo:rloo_loss", view="groups", unit=attrgetter("aggregation"),
                        reference="kl", ratio=True, importance_weights=True,
@@ -43,4 +44,4 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
-__all__ = ["LOSSES", "UNITS", "VIEWS", "LossSpec", "get_loss", "register_loss", *_LAZY]
+__all__ = ["LOSSES", "TARGETS", "UNITS", "VIEWS", "LossSpec", "TrainingDefaults", "get_loss", "register_loss", *_LAZY]

@@ -32,6 +32,33 @@ UNITS: tuple[str, ...] = ("sequence", "token", "group")
 """Units a loss averages over; the learner weighs each micro-batch by its share of them (``eva_ray.batching``)."""
 REFERENCE_USES: tuple[str, ...] = ("always", "kl", "never")
 """When the loss reads the reference model: always, only through a ``beta``-weighted KL (so not at beta 0), never."""
+TARGETS: tuple[str, ...] = ("rewards", "win_probs")
+"""What the ``rewards`` argument holds: the responses' rewards, or (SPPO) each response's estimated probability of
+beating the policy, ``P(y > pi | x)`` in ``[0, 1]``, which only a caller holding every response of a prompt (the
+offline loop) can estimate."""
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """A loss's published training recipe for offline (iterative) preference optimisation, overridable per run.
+
+    The offline loop reads these where ``offline.<field>`` is unset; ``options`` are solver fields of the loss's own
+    (``{"simpo_gamma": 5.0}``).
+    """
+
+    beta: float
+    lr: float
+    lr_schedule: str
+    warmup_ratio: float
+    epochs: int
+    batch_size: int
+    """Effective batch: preference pairs per optimizer update."""
+    max_length: int
+    """Longest prompt + response in tokens."""
+    max_prompt_length: int
+    optimizer: str
+    """``adamw`` or ``rmsprop`` (``learner.optimizer``)."""
+    options: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -56,9 +83,14 @@ class LossSpec:
     """Takes ``is_weights``: per-token weights that correct rollouts sampled by an older policy."""
     options: dict[str, str] = field(default_factory=dict)
     """Its own keyword arguments, each read from a ``solver`` field: ``{loss keyword: solver field}``."""
+    targets: str = "rewards"
+    """What its ``rewards`` argument holds (one of :data:`TARGETS`); ``win_probs`` losses run offline only."""
+    defaults: TrainingDefaults | None = None
+    """The published offline recipe (learning rate, epochs, batch, ...), or None for an online-only loss."""
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("view", self.view, VIEWS), ("reference", self.reference, REFERENCE_USES)):
+        for name, value, allowed in (("view", self.view, VIEWS), ("reference", self.reference, REFERENCE_USES),
+                                     ("targets", self.targets, TARGETS)):
             if value not in allowed:
                 raise ValueError(f"loss {self.name!r}: {name} {value!r}; allowed: {', '.join(allowed)}")
         if not callable(self.unit) and self.unit not in UNITS:
