@@ -393,6 +393,27 @@ class Creator:
         return {"buffer": buffer_metrics, "creator": creator_metrics,
                 "phase_name": batch.get("phase", "warm-up"), "batch": batch}
 
+    async def evolve_set(self, parents: list[PromptRecord], n_children: int, step: int) -> dict[str, Any]:
+        """Offline eva's evolve step: up to ``n_children`` children of every parent, returned, not buffered.
+
+        The offline loop forms the next prompt set itself; the creator lends it its evolver, its duplicate index
+        (children repeat no seed, no earlier child and no sibling), its counts and its lineage log. Returns
+        ``{"children": [record dicts], "counts": EvolveCounts.to_dict()}``; raises ``EvolveLLMError`` when every
+        call failed for a configuration cause, as the online creator stops then.
+        """
+        if self.evolver is None:
+            raise RuntimeError(f"evolve.method {self.cfg.evolve.method!r} evolves nothing; offline eva needs one")
+        jobs = self.evolver.plan(parents, n_children)
+        result = await (self.evolver.run_plan(jobs, step=step) if jobs is not None
+                        else self.evolver.evolve(parents, n_children, step=step))
+        self.counts.add(result.counts)
+        self._check_usable(result)
+        if self.fatal is not None:
+            raise self.fatal
+        if self.lineage is not None:
+            self.lineage.write([{"event": o.pop("outcome")} | o for o in (dict(o) for o in result.outcomes)])
+        return {"children": [c.to_dict() for c in result.children], "counts": result.counts.to_dict()}
+
     async def evolved_table(self) -> list[list[Any]]:
         """Recent evolved prompts: step, id, parent id, operator, generation, informativeness, text."""
         return [list(row) for row in self.evolved_rows]

@@ -136,6 +136,7 @@ class Learner(WeightExport, CheckpointIO):
         self._world = torch.distributed.get_world_size()
         dtype = DTYPES[model.dtype]
         ds_config = _ds_config(learner, dtype)
+        self._dtype, self._ds = dtype, ds_config  # begin_iteration loads a new reference the same way
 
         self._hf_ds_config: Any = None
         try:
@@ -193,6 +194,59 @@ class Learner(WeightExport, CheckpointIO):
             return None
         reference = _load_causal_lm(path, dtype, self.model_cfg.trust_remote_code)
         return reference.requires_grad_(False).eval()
+
+    # ------------------------------------------------------------------------------------------ iterations
+
+    def begin_iteration(self, updates: int, reference_path: str | None = None) -> dict[str, float]:
+        """Start an iteration of offline training (each one the paper runs as a training job of its own).
+
+        The optimizer's state is zeroed in place (moments and step count: what a freshly built optimizer holds, and
+        every reference DeepSpeed keeps to it stays valid), the LR schedule starts again over ``updates`` optimizer
+        updates with ``learner.lr_schedule`` and ``warmup_ratio``, and the frozen reference becomes the model saved
+        at ``reference_path`` (the policy the iteration starts from) when the loss reads one. The version keeps
+        counting across iterations. A collective: every rank calls it.
+        """
+        if self._closed:
+            raise RuntimeError("begin_iteration on a closed learner")
+        if updates < 1:
+            raise ValueError(f"updates must be >= 1, got {updates}")
+        for state in self._client_optimizer.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    value.zero_()
+                elif isinstance(value, (int, float)):
+                    state[key] = type(value)(0)
+        self.total_updates = updates
+        factor = lr_multiplier(self.cfg.lr_schedule, updates, self.cfg.warmup_ratio)
+        self._scheduler.lr_lambdas = [factor] * len(self._client_optimizer.param_groups)
+        self._scheduler.last_epoch = 0
+        for group, base in zip(self._client_optimizer.param_groups, self._scheduler.base_lrs):
+            group["lr"] = base * factor(0)
+        if reference_path is not None and self.reference is not None:
+            self._replace_reference(reference_path)
+        return {"version": float(self._version), "lr": self.lr}
+
+    def _replace_reference(self, path: str) -> None:
+        """Load the reference from ``path`` as ``__init__`` does (a plain module, or ZeRO-3 partitions)."""
+        old, self.reference = self.reference, None
+        if old is not None and hasattr(old, "destroy"):
+            old.destroy()
+        del old
+        gc.collect()
+        if self.cfg.zero_stage < 3:
+            self.reference = self._load_reference(path, self._dtype).to(self.device)
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        keep = HfDeepSpeedConfig(self._ds)  # alive while the reference is built, as in __init__
+        try:
+            reference = self._load_reference(path, self._dtype)
+            self.reference = self._deepspeed.initialize(model=reference, config=_reference_ds_config(self._ds))[0]
+            self.reference.eval()
+        finally:
+            del keep
+            unset_hf_deepspeed_config()
 
     # ------------------------------------------------------------------------------------------ properties
 

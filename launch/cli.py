@@ -93,13 +93,14 @@ def _run_command(args: argparse.Namespace) -> int:
     from launch.checkpoint import ResumeError
     from launch.cluster import ClusterError
     from launch.driver import StalePolicyError, run
+    from launch.offline import run_offline
     from launch.handles import ActorTimeout
     from launch.recovery import ActorLost, resume_command
     from launch.storage import StorageError, stop_line
 
     try:
-        summary = run(cfg, inline=args.inline, resume=args.resume)
-    except (DataError, PackagedModelUnavailable, ResumeError) as exc:
+        summary = (run_offline if cfg.run.mode == "offline" else run)(cfg, inline=args.inline, resume=args.resume)
+    except (DataError, PackagedModelUnavailable, ResumeError, ConfigError) as exc:
         print(f"eva-ray: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     except (ClusterError, CreatorStarved, EvolveLLMError, StalePolicyError, ActorLost, ActorTimeout,
