@@ -403,6 +403,9 @@ class Creator:
         """
         if self.evolver is None:
             raise RuntimeError(f"evolve.method {self.cfg.evolve.method!r} evolves nothing; offline eva needs one")
+        # Seeded by the iteration, not by what ran before in this process: a resumed run evolves as the
+        # uninterrupted one would (with remember() given the texts the earlier iterations made).
+        self.evolver.rng = np.random.default_rng([self.cfg.run.seed, step])
         jobs = self.evolver.plan(parents, n_children)
         result = await (self.evolver.run_plan(jobs, step=step) if jobs is not None
                         else self.evolver.evolve(parents, n_children, step=step))
@@ -413,6 +416,13 @@ class Creator:
         if self.lineage is not None:
             self.lineage.write([{"event": o.pop("outcome")} | o for o in (dict(o) for o in result.outcomes)])
         return {"children": [c.to_dict() for c in result.children], "counts": result.counts.to_dict()}
+
+    async def remember(self, texts: list[str]) -> int:
+        """Register prompts made before this process started (a resumed offline run's earlier children) in the
+        duplicate index, so no later child repeats them; returns how many."""
+        for text in texts:
+            self.validator.register(text)
+        return len(texts)
 
     async def evolved_table(self) -> list[list[Any]]:
         """Recent evolved prompts: step, id, parent id, operator, generation, informativeness, text."""

@@ -377,7 +377,7 @@ class OfflineConfig:
                           "pairwise when reward.backend is pairwise.", choices=("auto", "pointwise", "pairwise"))
     shard_prompts: int = knob(256, "Prompts per generation shard: the unit written to disk and kept on resume.",
                               ge=1)
-    checkpoint_every: int = knob(50, "Write a resumable learner checkpoint every N optimizer updates inside an "
+    checkpoint_every: int = knob(200, "Write a resumable learner checkpoint every N optimizer updates inside an "
                                  "iteration (and at every epoch's end); 0: only at epoch ends.", ge=0)
     beta: float | None = knob(None, "The loss's beta (SimPO's beta, ORPO's lambda); unset: the loss's published "
                               "value. solver.beta is the online knob.", gt=0)
@@ -463,7 +463,9 @@ def _cross_field_problems(cfg: Config) -> list[str]:
                         f"than learner.max_staleness {cfg.learner.max_staleness}; raise max_staleness or set "
                         "run.overlap to auto or off")
     loss = get_loss(cfg.solver.algorithm)
-    if (problem := loss.check_beta(cfg.solver.beta)) is not None:
+    if cfg.run.mode == "offline":
+        problems.extend(_offline_problems(cfg, loss))
+    elif (problem := loss.check_beta(cfg.solver.beta)) is not None:
         problems.append(problem)
     if cfg.learner.off_policy_correction in ("tis", "icepop") and not loss.importance_weights:
         problems.append(f"learner.off_policy_correction: {cfg.learner.off_policy_correction} weights the policy "
@@ -472,6 +474,22 @@ def _cross_field_problems(cfg: Config) -> list[str]:
     if cfg.solver.clip_eps is None and cfg.solver.updates_per_batch > 1:
         problems.append(f"solver.clip_eps: unset while solver.updates_per_batch is "
                         f"{cfg.solver.updates_per_batch}; several updates on one batch need ratio clipping")
+    return problems
+
+
+def _offline_problems(cfg: Config, loss: Any) -> list[str]:
+    """run.mode=offline: a loss that trains on pairs, an evolve method for the eva arm, and the loss's beta."""
+    problems = []
+    if loss.view != "pairs":
+        pair_losses = ", ".join(name for name, spec in LOSSES.items() if spec.view == "pairs")
+        problems.append(f"solver.algorithm: {loss.name} trains on groups of online samples; run.mode=offline "
+                        f"trains on preference pairs (allowed: {pair_losses})")
+    if cfg.offline.arm == "eva" and cfg.offline.iterations > 1 and cfg.evolve.method == "none":
+        problems.append("evolve.method: 'none' evolves nothing, but offline.arm 'eva' evolves each iteration's set; "
+                        "set an evolve method or offline.arm=static")
+    beta = cfg.offline.beta if cfg.offline.beta is not None else (loss.defaults.beta if loss.defaults else None)
+    if beta is not None and (problem := loss.check_beta(beta)) is not None:
+        problems.append(problem.replace("solver.beta", "offline.beta"))
     return problems
 
 

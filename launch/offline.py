@@ -154,6 +154,7 @@ class OfflineRun:
         t0 = time.perf_counter()
         out = gather([self.system.creator.call("evolve_set", draw.parents, self.off.children, t)])[0]
         children = [PromptRecord.from_dict(c) for c in out["children"]]
+        store.write_children(children)
         counts = out["counts"]
         mix = mix_next_set(children, current, self.off.prompts_per_iteration, self.off.evolved_share, rng)
         made = {"how": "evolved", "parents": len(draw.parents), "parents_positive": draw.positive,
@@ -343,8 +344,6 @@ class OfflineRun:
                       f"{self.off.responses_per_prompt} responses: no preference pair, nothing to train; the policy "
                       "stays as it is")
             trained = {"updates": 0, "loss_first": None, "loss_last": None, "pairs_cut": 0}
-            if t > 1:  # the end-of-iteration checkpoint a resumed run starts the next iteration from
-                self.checkpoint(store, {"epoch": 0, "batch": 0, "updates": 0})
         with staged_dir(store.policy_dir, create=False) as staging:
             gather([self.system.learner.call("save", str(staging))])
         self.system.sync_weights()
@@ -375,12 +374,6 @@ def _grouped(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _check_offline(cfg: Config) -> None:
-    if cfg.offline.arm == "eva" and cfg.offline.iterations > 1 and cfg.evolve.method == "none":
-        raise ConfigError("evolve.method: 'none' evolves nothing, but offline.arm 'eva' evolves each set; set an "
-                          "evolve method or offline.arm=static")
-
-
 def _resume_dir(cfg: Config, resume: str | Path) -> Path:
     run_dir = Path(resume)
     saved = run_dir / "config.yaml"
@@ -398,7 +391,6 @@ def run_offline(cfg: Config, *, inline: bool = False, echo: Callable[[str], None
                 resume: str | Path | None = None) -> OfflineSummary:
     """Run offline eva for ``offline.iterations`` iterations (see the module docstring)."""
     cfg = with_world_defaults(with_resolved_models(cfg))
-    _check_offline(cfg)
     try:
         recipe = resolve_recipe(cfg)
     except ValueError as exc:
@@ -437,13 +429,20 @@ def run_offline(cfg: Config, *, inline: bool = False, echo: Callable[[str], None
         restarts = Restarts(system, max_restarts=cfg.resources.max_restarts, echo=echo,
                             ready_timeout_s=cfg.run.call_timeout_s)
         done = [t for t in range(1, cfg.offline.iterations + 1) if IterationStore(run_dir, t).done()]
-        if done:  # the policy the last finished iteration ended with, back on the learner and the workers
+        trained = [t for t in done if IterationStore(run_dir, t).train_state() is not None]
+        if trained:  # the policy the last finished iteration ended with, back on the learner and the workers
             version = gather([system.learner.call("load_checkpoint",
-                                                  str(IterationStore(run_dir, done[-1]).checkpoint_dir))])[0]
+                                                  str(IterationStore(run_dir, trained[-1]).checkpoint_dir))])[0]
             system.learner_version = int(version)
             system.sync_weights()
-            echo(f"eva-ray: iterations {', '.join(map(str, done))} are finished; iteration {done[-1]}'s policy "
+            echo(f"eva-ray: iterations {', '.join(map(str, done))} are finished; iteration {trained[-1]}'s policy "
                  f"(version {version}) is back on the learner and the rollout workers")
+        # Children of the iterations whose set was formed before this process: no later child may repeat one (an
+        # iteration killed between its evolve step and its set evolves again, so its children do not count).
+        earlier = [c.prompt_text for t in range(1, cfg.offline.iterations + 1)
+                   if IterationStore(run_dir, t).has_prompts() for c in IterationStore(run_dir, t).children()]
+        if earlier:
+            gather([system.creator.call("remember", earlier)])
         tokenizer = _world_tokenizer(cfg) or (_policy_tokenizer(cfg) if cfg.offline.rewrite else None)
         evaluator = None
         if held_out:

@@ -6,6 +6,7 @@ Everything is Parquet, which pandas, pyarrow and Hugging Face ``datasets`` read 
 
     <run_dir>/offline/iter-001/
         prompts.parquet              the set: id, text, source, parent, operator, generation, informativeness
+        children.parquet             (eva) every child the evolve step accepted, chosen for the set or not
         manifest.json                how the set was made (seed slice, or the evolve step's counts)
         estimate/shard-00000.parquet (eva) the previous set's responses under the current policy, for informativeness
         responses/shard-00000.parquet  k responses per prompt with token ids and rewards
@@ -128,7 +129,17 @@ class IterationStore:
         write_table(self.prompts_file, [prompt_row(r) for r in records], PROMPT_SCHEMA)
 
     def prompts(self) -> list[PromptRecord]:
-        return [PromptRecord.from_dict(json.loads(row["record"])) for row in read_table(self.prompts_file)]
+        return _records(self.prompts_file)
+
+    @property
+    def children_file(self) -> Path:
+        return self.path / "children.parquet"
+
+    def write_children(self, records: Sequence[PromptRecord]) -> None:
+        write_table(self._folder() / "children.parquet", [prompt_row(r) for r in records], PROMPT_SCHEMA)
+
+    def children(self) -> list[PromptRecord]:
+        return _records(self.children_file) if self.children_file.is_file() else []
 
     def manifest(self) -> dict[str, Any]:
         return json.loads((self.path / "manifest.json").read_text())
@@ -198,6 +209,10 @@ class IterationStore:
 
     def mark_done(self, figures: dict[str, Any]) -> None:
         write_json(self.path / "done.json", figures, indent=2, default=float)
+
+
+def _records(path: Path) -> list[PromptRecord]:
+    return [PromptRecord.from_dict(json.loads(row["record"])) for row in read_table(path)]
 
 
 def responses_on_disk(run_dir: str | Path) -> int:

@@ -1,0 +1,144 @@
+"""Offline eva end to end (inline, in the cipher world): the iterations, their datasets, and resume after a kill -9.
+
+A kill is a real SIGKILL of the run's process at a chosen point (a small wrapper kills its own process there); the
+run is then resumed with ``eva-ray run --resume`` and must end with exactly the policy an uninterrupted run ends
+with, having kept the shards it had and repeated no optimizer update.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LOSS = "dpo"
+ARGS = ["run", "--inline", "--config", "configs/cipher-offline.yaml", "offline.iterations=2",
+        "offline.prompts_per_iteration=64", "offline.shard_prompts=32", "offline.batch_size=4",
+        "offline.checkpoint_every=2", "world.eval_per_level=10", f"solver.algorithm={LOSS}", "logging.progress=false"]
+
+# Runs the CLI; with a kill point, SIGKILLs its own process there (after shard 0 of iteration 2's responses is on
+# disk, or on the first update of iteration 2 after its first checkpoint: an update no checkpoint holds).
+KILLER = """
+import json, os, signal, sys
+from pathlib import Path
+point, out = sys.argv[1], Path(sys.argv[2])
+if point == "generation":
+    from eva_ray.offline.store import IterationStore
+    write = IterationStore.write_shard
+    def write_shard(self, kind, index, groups, rewards):
+        write(self, kind, index, groups, rewards)
+        if self.iteration == 2 and kind == "responses" and index == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+    IterationStore.write_shard = write_shard
+elif point == "training":
+    from actors.learner import Learner
+    step = Learner.train_step
+    def train_step(self, batch, **kw):
+        result = step(self, batch, **kw)
+        states = list(out.glob("*/offline/iter-002/train_state.json"))
+        if states and json.loads(states[0].read_text())["updates"] > 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    Learner.train_step = train_step
+from launch.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def run_cli(out: Path, *extra: str, point: str = "none") -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", KILLER, point, str(out), *extra], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def run_dir_in(out: Path) -> Path:
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "offline" / "iter-002" / "policy" / "model.safetensors"))
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("whole")
+    done = run_cli(out, *ARGS, f"run.output_dir={out}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return run_dir_in(out)
+
+
+@pytest.mark.slow
+def test_two_iterations_write_their_datasets_and_evolve_the_second_set(uninterrupted):
+    import datasets
+
+    run_dir = uninterrupted
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [it["iteration"] for it in summary["iterations"]] == [1, 2]
+    first, second = summary["iterations"]
+    assert first["made"]["how"] == "seed" and second["made"]["how"] == "evolved"
+    assert second["made"]["evolved"] > 0 and second["made"]["evolved"] + second["made"]["kept"] == 64
+    # Equal cost is counted: two response passes in iteration 1's set (training, then informativeness) and one
+    # for iteration 2's set, 6 responses per prompt.
+    assert summary["responses"] == 3 * 64 * 6
+    for it in summary["iterations"]:
+        assert it["updates"] == 2 * -(-it["pairs"] // 4) and it["pairs"] > 0  # 2 epochs of batches of 4 pairs
+        assert "accuracy_level_1" in it["eval"]
+    it2 = run_dir / "offline" / "iter-002"
+    prompts = datasets.load_dataset("parquet", data_files=str(it2 / "prompts.parquet"), split="train")
+    evolved = [row for row in prompts if row["source"] == "evolved"]
+    assert len(evolved) == second["made"]["evolved"]
+    assert all(row["parent_id"] and row["operator"] for row in evolved)
+    parents = {row["id"] for row in datasets.load_dataset(
+        "parquet", data_files=str(run_dir / "offline" / "iter-001" / "prompts.parquet"), split="train")}
+    assert {row["parent_id"] for row in evolved} <= parents  # children of iteration 1's set
+    pairs = datasets.load_dataset("parquet", data_files=str(it2 / "pairs.parquet"), split="train")
+    assert pairs.num_rows == second["pairs"]
+    assert all(row["chosen_reward"] > row["rejected_reward"] for row in pairs)
+    responses = datasets.load_dataset("parquet", data_files=str(it2 / "responses" / "*.parquet"), split="train")
+    assert responses.num_rows == 64 * 6 and set(responses["prompt_id"]) == {row["id"] for row in prompts}
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in line for line in lines) and any("offline/pairs" in line for line in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["generation", "training"])
+def test_a_kill_resumes_to_the_uninterrupted_policy_keeping_finished_work(uninterrupted, tmp_path, point):
+    killed = run_cli(tmp_path, *ARGS, f"run.output_dir={tmp_path}", point=point)
+    assert killed.returncode == -9, killed.stdout[-3000:] + killed.stderr[-3000:]
+    run_dir = run_dir_in(tmp_path)
+    it2 = run_dir / "offline" / "iter-002"
+    kept = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in it2.rglob("*.parquet")}
+    assert kept and not (it2 / "done.json").exists()
+    if point == "training":
+        before = json.loads((it2 / "train_state.json").read_text())["updates"]
+    resumed = run_cli(tmp_path, "run", "--inline", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    # Every file the killed run finished is still the same file: nothing was generated or paired again.
+    assert all((p.stat().st_ino, p.stat().st_mtime_ns) == seen for p, seen in kept.items())
+    if point == "generation":
+        assert "1 of 2 shards already on disk, kept" in resumed.stdout
+    else:
+        assert f"training resumes after update {before}" in resumed.stdout
+    assert same_weights(final_weights(run_dir), final_weights(uninterrupted))
+    whole = json.loads((uninterrupted / "summary.json").read_text())["iterations"]
+    again = json.loads((run_dir / "summary.json").read_text())["iterations"]
+    assert [i["updates"] for i in again] == [i["updates"] for i in whole]
+    assert [i["eval"]["accuracy"] for i in again] == [i["eval"]["accuracy"] for i in whole]
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_config(uninterrupted, tmp_path):
+    done = run_cli(tmp_path, "run", "--inline", "--resume", str(uninterrupted), "offline.children=3")
+    assert done.returncode == 2 and "offline.children" in done.stderr
