@@ -54,6 +54,7 @@ from launch.signals import reset as reset_signals
 from launch.signals import restore_sigterm, stop_on_sigterm
 
 STATE_FILE = "offline/state.json"
+WORKER_STATS = ("responses", "prompts", "tokens_generated")
 
 
 @dataclass
@@ -68,6 +69,10 @@ class OfflineSummary:
     """Responses generated so far, estimation passes included (the equal-cost measure)."""
     resumed: int = 0
     interrupted: bool = False
+    workers: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per rollout worker of this process's part of the run: responses and tokens it generated, calls."""
+    placement: list[dict[str, Any]] = field(default_factory=list)
+    """Where each actor landed under Ray (empty inline)."""
 
     def write(self, path: Path) -> None:
         write_json(path, dataclasses.asdict(self), indent=2, default=float)
@@ -477,6 +482,13 @@ def run_offline(cfg: Config, *, inline: bool = False, echo: Callable[[str], None
         echo(f"eva-ray: interrupted; resume with: eva-ray run --config {run_dir / 'config.yaml'} --resume {run_dir}")
     finally:
         if system is not None:
+            summary.placement = system.placement
+            try:
+                stats = gather([w.call("stats") for w in system.rollout.workers], timeout=60)
+                summary.workers = {w.name: {k: v for k, v in st.items() if k in WORKER_STATS}
+                                   for w, st in zip(system.rollout.workers, stats)}
+            except Exception as exc:  # noqa: BLE001 - a figure for the summary; the run's data is on disk
+                echo(f"eva-ray: could not read the rollout workers' counts ({type(exc).__name__}: {exc})")
             system.shutdown()
         summary.write(run_dir / "summary.json")
         logger.close(summary={"offline": dataclasses.asdict(summary)})
