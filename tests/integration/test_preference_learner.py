@@ -15,9 +15,9 @@ from tests.integration.test_learner import P, groups, make_learner, policy_path 
 pytestmark = pytest.mark.slow
 
 
-def _pairs_batch(groups, targets):  # noqa: F811
+def _pairs_batch(rollout_groups, targets):
     """The first two responses of every prompt as a (chosen, rejected) pair with ``targets`` [P, 2]."""
-    return collate([g[:2] for g in groups], targets, pad_token_id=0)
+    return collate([g[:2] for g in rollout_groups], targets, pad_token_id=0)
 
 
 def _margin(learner, batch, per_token: bool) -> float:
