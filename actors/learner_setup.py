@@ -28,6 +28,7 @@ import torch
 
 from eva_ray.attention import attention_implementation
 from eva_ray.config import LearnerConfig
+from eva_ray.lr_schedule import OPTIMIZERS
 
 # Environment a single-process torch.distributed group needs; set only when absent (a launcher sets its own).
 _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -147,12 +148,23 @@ def _load_causal_lm(path: str, dtype: torch.dtype, trust_remote_code: bool) -> t
 
 
 def _make_optimizer(groups: list[dict[str, Any]], cfg: LearnerConfig) -> torch.optim.Optimizer:
-    """AdamW: torch's, or DeepSpeed's CPU Adam when the optimizer state is offloaded.
+    """``learner.optimizer``: AdamW (torch's, or DeepSpeed's CPU Adam when the optimizer state is offloaded), or
+    torch's RMSprop.
 
     With ``offload_optimizer`` the update runs on the CPU, where torch's AdamW would cost seconds per billion
     parameters; DeepSpeed's SIMD CPU Adam is the one ZeRO-Offload is built for. It compiles a C++ extension the
-    first time (about a minute, needs g++ and ninja), which is why nothing else uses it.
+    first time (about a minute, needs g++ and ninja), which is why nothing else uses it. It has no RMSprop, so the
+    config refuses rmsprop with offloading.
+
+    RMSprop keeps torch's defaults (alpha 0.99, eps 1e-8, no momentum), which is what Hugging Face's
+    ``optim="rmsprop"`` builds and so what SPPO's published runs used.
     """
+    if cfg.optimizer == "rmsprop":
+        if cfg.offload_optimizer:
+            raise ValueError("learner.offload_optimizer: needs learner.optimizer adamw, not rmsprop")
+        return torch.optim.RMSprop(groups, lr=cfg.lr)
+    if cfg.optimizer != "adamw":
+        raise ValueError(f"learner.optimizer: {cfg.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
     if cfg.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

@@ -206,9 +206,11 @@ class EvolveConfig:
 class SolverConfig:
     # LOSSES.keys() is a live view: a loss registered after this module was imported is a choice too.
     algorithm: str = knob("rloo", "Policy update, a loss of the registry in eva_ray/losses: RLOO, or OAIF (online "
-                          "DPO on best-vs-worst pairs).", choices=LOSSES.keys())
+                          "DPO on best-vs-worst pairs); the offline losses dpo, simpo, orpo and sppo (sppo: "
+                          "run.mode=offline only).", choices=LOSSES.keys())
     n_responses: int = knob(4, "Responses sampled per prompt (both algorithms need at least 2).", ge=2)
-    beta: float = knob(0.05, "KL coefficient (RLOO) or DPO beta (OAIF).", ge=0)
+    beta: float = knob(0.05, "KL coefficient (RLOO), DPO beta (OAIF, dpo), SPPO's beta (1 / eta), SimPO's reward "
+                       "scale, ORPO's lambda.", ge=0)
     kl_estimator: str = knob("k1", "Per-token KL estimator.", choices=KL_ESTIMATOR_NAMES)
     kl_mode: str = knob("reward", "RLOO: subtract the KL from the reward, or add it to the loss.",
                         choices=KL_MODES)
@@ -218,6 +220,8 @@ class SolverConfig:
                                   gt=0)
     updates_per_batch: int = knob(1, "Optimizer passes over each rollout batch.", ge=1)
     dpo_loss: str = knob("sigmoid", "OAIF loss.", choices=DPO_LOSS_TYPES)
+    simpo_gamma: float = knob(5.0, "SimPO: the target reward margin gamma in -log sigmoid(beta * (avg logp_w - avg "
+                              "logp_l) - gamma) (paper: 5).", ge=0)
     skip_zero_advantage: bool = knob(True, "Skip the optimizer step when no prompt has any reward spread.")
 
 
@@ -278,7 +282,9 @@ class LearnerConfig:
                             choices=LR_SCHEDULES)
     warmup_ratio: float = knob(0.1, "Share of total_steps spent warming the learning rate up (paper: 0.1).",
                                ge=0, le=1)
-    weight_decay: float = knob(0.0, "AdamW weight decay.", ge=0)
+    optimizer: str = knob("adamw", "adamw, or rmsprop (torch's RMSprop, SPPO's published recipe; not with "
+                          "offload_optimizer).", choices=OPTIMIZERS)
+    weight_decay: float = knob(0.0, "Weight decay (AdamW's decoupled; RMSprop's L2).", ge=0)
     grad_clip: float = knob(1.0, "Gradient-norm clip.", gt=0)
     micro_batch_size: int = knob(8, "Sequences per forward/backward; gradients accumulate over the rest.", ge=1)
     gradient_checkpointing: bool = knob(False, "Trade compute for memory in the policy's forward pass.")
@@ -458,6 +464,9 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         problems.append(f"learner.offload_params: needs learner.zero_stage 3, not {cfg.learner.zero_stage}")
     if cfg.learner.offload_optimizer and cfg.learner.zero_stage == 0:
         problems.append("learner.offload_optimizer: needs learner.zero_stage 1, 2 or 3, not 0")
+    if cfg.learner.offload_optimizer and (rmsprop := _rmsprop_source(cfg)) is not None:
+        problems.append(f"learner.offload_optimizer: offloaded optimizer state needs DeepSpeed's CPU Adam, but "
+                        f"{rmsprop} is rmsprop; set learner.offload_optimizer false or use adamw")
     if cfg.run.overlap == "on" and cfg.learner.max_staleness < cfg.learner.sync_every:
         problems.append(f"run.overlap: 'on' trains on rollouts {cfg.learner.sync_every} version(s) behind, more "
                         f"than learner.max_staleness {cfg.learner.max_staleness}; raise max_staleness or set "
@@ -467,6 +476,9 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         problems.extend(_offline_problems(cfg, loss))
     elif (problem := loss.check_beta(cfg.solver.beta)) is not None:
         problems.append(problem)
+    if loss.targets == "win_probs" and cfg.run.mode != "offline":
+        problems.append(f"solver.algorithm: {cfg.solver.algorithm} needs win probabilities that only "
+                        f"run.mode=offline estimates (run.mode is {cfg.run.mode!r})")
     if cfg.learner.off_policy_correction in ("tis", "icepop") and not loss.importance_weights:
         problems.append(f"learner.off_policy_correction: {cfg.learner.off_policy_correction} weights the policy "
                         f"gradient of a loss that takes importance weights (RLOO); solver.algorithm "
@@ -491,6 +503,20 @@ def _offline_problems(cfg: Config, loss: Any) -> list[str]:
     if beta is not None and (problem := loss.check_beta(beta)) is not None:
         problems.append(problem.replace("solver.beta", "offline.beta"))
     return problems
+
+
+def _rmsprop_source(cfg: Config) -> str | None:
+    """The knob that makes the learner use RMSprop, or None: learner.optimizer; offline, offline.optimizer, or when
+    that is unset the loss's published recipe."""
+    if cfg.learner.optimizer == "rmsprop":
+        return "learner.optimizer"
+    if cfg.run.mode == "offline":
+        if cfg.offline.optimizer is not None:
+            return "offline.optimizer" if cfg.offline.optimizer == "rmsprop" else None
+        recipe = get_loss(cfg.solver.algorithm).defaults
+        if recipe is not None and recipe.optimizer == "rmsprop":
+            return f"offline.optimizer (unset: solver.algorithm {cfg.solver.algorithm}'s recipe)"
+    return None
 
 
 def _world_problems(cfg: Config) -> list[str]:

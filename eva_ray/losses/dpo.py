@@ -18,15 +18,15 @@ Layout as in :mod:`eva_ray.losses.rloo`: B = P * N responses grouped per prompt 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from eva_ray.losses.choices import DPO_LOSS_TYPES
 from eva_ray.losses.logprobs import check_grouped_shapes, masked_mean, safe_mean, sequence_logprobs
 
-__all__ = ["DPO_LOSS_TYPES", "dpo_loss", "oaif_loss", "select_preference_pairs"]
-
-
+__all__ = ["DPO_LOSS_TYPES", "PairRows", "dpo_loss", "oaif_loss", "pair_rows", "select_preference_pairs"]
 
 def select_preference_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best-vs-worst pair per prompt: chosen = argmax reward, rejected = argmin reward among the N samples.
@@ -56,6 +56,31 @@ def select_preference_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.
     worst, rejected = for_min.min(dim=1)
     valid = (finite.sum(dim=1) >= 2) & (best > worst)
     return chosen, rejected, valid
+
+
+@dataclass(frozen=True)
+class PairRows:
+    """The best-vs-worst pair of every prompt that has one, as rows of the ``[B, ...]`` tensors (``B = P * N``)."""
+
+    chosen: torch.Tensor
+    """``[P']`` long: the row of each kept pair's chosen response."""
+    rejected: torch.Tensor
+    """``[P']`` long: the row of its rejected response."""
+    valid: torch.Tensor
+    """``[P]`` bool: which prompts yielded a pair (:func:`select_preference_pairs`)."""
+
+    def stats(self, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``pair_fraction`` (prompts that yielded a pair) and ``score_margin`` (mean reward gap over the pairs)."""
+        flat = rewards.detach().reshape(-1)
+        return {"pair_fraction": safe_mean(self.valid.float()),
+                "score_margin": safe_mean((flat[self.chosen] - flat[self.rejected]).float())}
+
+
+def pair_rows(rewards: torch.Tensor) -> PairRows:
+    """:func:`select_preference_pairs` on ``rewards [P, N]``, turned into row indices of the grouped batch."""
+    chosen, rejected, valid = select_preference_pairs(rewards)
+    offset = torch.arange(rewards.shape[0], device=chosen.device) * rewards.shape[1]
+    return PairRows((offset + chosen)[valid], (offset + rejected)[valid], valid)
 
 
 def dpo_loss(
@@ -164,12 +189,8 @@ def oaif_loss(
         ``(loss, stats)``: :func:`dpo_loss`'s stats plus ``pair_fraction`` (prompts that yielded a pair) and
         ``score_margin`` (mean reward gap between chosen and rejected over the pairs).
     """
-    num_prompts, n = check_grouped_shapes(logprobs, rewards, mask=mask, ref_logprobs=ref_logprobs)
-
-    chosen, rejected, valid = select_preference_pairs(rewards)
-    offset = torch.arange(num_prompts, device=chosen.device) * n
-    chosen_rows = (offset + chosen)[valid]
-    rejected_rows = (offset + rejected)[valid]
+    check_grouped_shapes(logprobs, rewards, mask=mask, ref_logprobs=ref_logprobs)
+    pairs = pair_rows(rewards)
 
     def reduce(token_lp: torch.Tensor) -> torch.Tensor:
         return masked_mean(token_lp, mask, dim=-1) if length_normalize else sequence_logprobs(token_lp, mask)
@@ -177,15 +198,12 @@ def oaif_loss(
     seq = reduce(logprobs)
     ref_seq = reduce(ref_logprobs.detach())
     loss, stats = dpo_loss(
-        seq[chosen_rows],
-        seq[rejected_rows],
-        ref_seq[chosen_rows],
-        ref_seq[rejected_rows],
+        seq[pairs.chosen],
+        seq[pairs.rejected],
+        ref_seq[pairs.chosen],
+        ref_seq[pairs.rejected],
         beta=beta,
         loss_type=loss_type,
         label_smoothing=label_smoothing,
     )
-    flat_rewards = rewards.detach().reshape(-1)
-    stats["pair_fraction"] = safe_mean(valid.float())
-    stats["score_margin"] = safe_mean((flat_rewards[chosen_rows] - flat_rewards[rejected_rows]).float())
-    return loss, stats
+    return loss, stats | pairs.stats(rewards)

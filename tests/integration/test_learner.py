@@ -42,12 +42,13 @@ def groups() -> list[list[Rollout]]:
 
 def make_learner(path: str, *, stage: int = 0, algorithm: str = "rloo", beta: float = 0.05, lr: float = 1e-3,
                  micro: int = 8, total_steps: int = 10, warmup_ratio: float = 0.0, schedule: str = "constant",
-                 checkpointing: bool = False, **solver_kw):
+                 checkpointing: bool = False, optimizer: str = "adamw", **solver_kw):
     from actors.learner import Learner
 
     return Learner(path, solver=SolverConfig(algorithm=algorithm, beta=beta, **solver_kw),
                    learner=LearnerConfig(zero_stage=stage, lr=lr, micro_batch_size=micro, lr_schedule=schedule,
-                                         warmup_ratio=warmup_ratio, gradient_checkpointing=checkpointing),
+                                         warmup_ratio=warmup_ratio, gradient_checkpointing=checkpointing,
+                                         optimizer=optimizer),
                    model=ModelConfig(), total_steps=total_steps, seed=0)
 
 

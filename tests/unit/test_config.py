@@ -73,6 +73,33 @@ def test_the_loss_spec_decides_the_cross_checks():
     assert load_config(None, [FN, "solver.beta=0", "learner.off_policy_correction=tis"]).solver.beta == 0.0
 
 
+def test_a_win_probability_loss_runs_offline_only():
+    with pytest.raises(ConfigError, match=r"solver.algorithm: sppo needs win probabilities that only "
+                                          r"run.mode=offline estimates \(run.mode is 'online'\)"):
+        load_config(None, [FN, "solver.algorithm=sppo"])
+    assert load_config(None, [FN, "solver.algorithm=sppo", "run.mode=offline"]).solver.algorithm == "sppo"
+    for name in ("dpo", "simpo", "orpo"):  # pairs of rewards: fine online too
+        assert load_config(None, [FN, f"solver.algorithm={name}"]).solver.algorithm == name
+
+
+def test_rmsprop_cannot_have_its_state_offloaded():
+    offload = [FN, "learner.zero_stage=2", "learner.offload_optimizer=true"]
+    with pytest.raises(ConfigError, match=r"learner.offload_optimizer: offloaded optimizer state needs DeepSpeed's "
+                                          r"CPU Adam, but learner.optimizer is rmsprop"):
+        load_config(None, [*offload, "learner.optimizer=rmsprop"])
+    # Offline, SPPO's recipe picks RMSprop unless offline.optimizer says otherwise.
+    sppo = [*offload, "run.mode=offline", "solver.algorithm=sppo"]
+    with pytest.raises(ConfigError, match=r"but offline.optimizer \(unset: solver.algorithm sppo's recipe\) is "
+                                          r"rmsprop"):
+        load_config(None, sppo)
+    with pytest.raises(ConfigError, match=r"but offline.optimizer is rmsprop"):
+        load_config(None, [*offload, "run.mode=offline", "offline.optimizer=rmsprop"])
+    assert load_config(None, [*sppo, "offline.optimizer=adamw"]).learner.offload_optimizer
+    assert load_config(None, [FN, "learner.optimizer=rmsprop"]).learner.optimizer == "rmsprop"
+    with pytest.raises(ConfigError, match=r"learner.optimizer: 'sgd' is not allowed; allowed: adamw, rmsprop"):
+        load_config(None, [FN, "learner.optimizer=sgd"])
+
+
 def test_reward_function_backend_needs_a_function():
     with pytest.raises(ConfigError, match="reward.function: required"):
         load_config(None, [])

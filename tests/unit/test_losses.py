@@ -524,13 +524,15 @@ def test_oaif_loss_no_pairs_backward_ok():
 
 
 def test_policy_loss_registry():
-    assert set(LOSSES) == {"rloo", "oaif"}
+    assert set(LOSSES) == {"rloo", "oaif", "dpo", "sppo", "simpo", "orpo"}
     assert get_loss("rloo").loss_fn is rloo_loss and get_loss("oaif").loss_fn is oaif_loss
-    with pytest.raises(ValueError, match=r"unknown policy loss 'ppo'; allowed: \['oaif', 'rloo'\]"):
+    with pytest.raises(ValueError, match=r"unknown policy loss 'ppo'; allowed: \['dpo', 'oaif', 'orpo', 'rloo', "):
         get_loss("ppo")
     logprobs, ref, _, mask, rewards = _batch()
-    for name, spec in LOSSES.items():  # one call shape for both
-        loss, stats = spec.loss_fn(logprobs, ref, mask, rewards, beta=0.1)
+    for name, spec in LOSSES.items():  # one call shape for all
+        # A win-probability loss (SPPO) gets probabilities; the others get the rewards as they are.
+        targets = torch.sigmoid(rewards) if spec.targets == "win_probs" else rewards
+        loss, stats = spec.loss_fn(logprobs, ref, mask, targets, beta=0.1)
         assert loss.dim() == 0 and torch.isfinite(loss) and "loss" in stats, name
 
 
