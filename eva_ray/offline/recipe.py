@@ -57,6 +57,10 @@ def resolve_recipe(cfg: Any) -> Recipe:
         raise ValueError(f"offline.max_prompt_length: {values['max_prompt_length']} leaves no room for a response "
                          f"within offline.max_length {values['max_length']}")
     options = dict(defaults.options) if defaults is not None else {}
+    unknown = [name for name in options if not hasattr(cfg.solver, name)]
+    if unknown:
+        raise ValueError(f"solver.algorithm {spec.name!r}: its recipe sets {', '.join(unknown)}, which the solver "
+                         "section has no field for")
     return Recipe(**values, options=options, from_loss=tuple(taken))
 
 
@@ -66,13 +70,10 @@ def for_learner(cfg: Any, recipe: Recipe) -> Any:
     The LR schedule is set again at every iteration (``Learner.begin_iteration``); ``run.total_steps`` only sizes
     the first one until then. Rollouts never overlap training offline: an iteration generates, then trains.
     """
-    options = {name: value for name, value in recipe.options.items() if hasattr(cfg.solver, name)}
-    learner_knobs = {"lr": recipe.lr, "lr_schedule": recipe.lr_schedule, "warmup_ratio": recipe.warmup_ratio}
-    if hasattr(cfg.learner, "optimizer"):
-        learner_knobs["optimizer"] = recipe.optimizer
     return dataclasses.replace(
         cfg,
-        solver=dataclasses.replace(cfg.solver, beta=recipe.beta, **options),
-        learner=dataclasses.replace(cfg.learner, **learner_knobs),
+        solver=dataclasses.replace(cfg.solver, beta=recipe.beta, **recipe.options),
+        learner=dataclasses.replace(cfg.learner, lr=recipe.lr, lr_schedule=recipe.lr_schedule,
+                                    warmup_ratio=recipe.warmup_ratio, optimizer=recipe.optimizer),
         run=dataclasses.replace(cfg.run, overlap="off"),
     )
