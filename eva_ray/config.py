@@ -437,6 +437,10 @@ def _cross_field_problems(cfg: Config) -> list[str]:
             problems.append("evolve.operator_weights: needs evolve.operators of the same length")
         elif any(w < 0 for w in weights) or sum(weights) <= 0:
             problems.append(f"evolve.operator_weights: {weights}; weights are >= 0 and not all 0")
+    if cfg.run.mode == "offline":
+        from eva_ray.offline_recipe import recipe_problems  # imports this module
+
+        problems.extend(recipe_problems(cfg))
     if cfg.offline.rewrite and not cfg.evolve.model:
         problems.append("offline.rewrite: the rewriter is the evolve LLM, and evolve.model is unset; name a LiteLLM "
                         "model (e.g. gemini/gemini-1.5-pro), or a local one as <provider>/<name> with "
