@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from eva_ray.config import load_config
-from eva_ray.memory import GB, LearnerSetup, ModelShape, learner_memory
+from eva_ray.memory import LearnerSetup, ModelShape, learner_memory
 from launch.plan import PlanError, Target, check_plan, format_plan, learner_load, make_plan
 
 ROOT = Path(__file__).resolve().parents[2]
