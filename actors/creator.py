@@ -46,12 +46,14 @@ from actors.evolve_llm import EvolveLLM, EvolveLLMError
 from eva_ray.atomic import write_json
 from eva_ray.buffer import GenerativeBuffer
 from eva_ray.config import Config
+from eva_ray.evolve.calls import LLMCaller
 from eva_ray.evolve.evolver import CONFIG_CAUSES, Complete, EvolveBatch, EvolveCounts
 from eva_ray.evolve.methods import build_evolver, make_validator
 from eva_ray.informativeness import score_prompts
 from eva_ray.lineage import LINEAGE_FILE, LineageLog
 from eva_ray.metrics import histogram
 from eva_ray.records import PromptRecord
+from eva_ray.rewrite import Rewriter, RewriteCheck
 from eva_ray.sampling import select_indices
 from eva_ray.schedule import PHASES, BatchPlan, PhaseSettings, RunState, plan_batch
 
@@ -116,6 +118,9 @@ class Creator:
         self._probe_queue: list[PromptRecord] = []  # landed children not yet measured (child_scoring=probe)
         # Rollouts by purpose, and what probing did with the children: the equal-rollout comparison needs both.
         self.probe_counts: Counter = Counter()
+        self._complete = complete  # the test binding, used by the rewriter too
+        self._rewriter: Rewriter | None = None  # opened on the first rewrite (offline.rewrite)
+        self.rewrite_counts = EvolveCounts()  # every rewrite of the run, by outcome
 
     # ------------------------------------------------------------------------------------------------ next batch
 
@@ -350,6 +355,26 @@ class Creator:
         self._admit(admitted, step)
         return {"probed": len(ids), "admitted": len(admitted), "dropped": len(dropped), "unmeasured": unmeasured,
                 "probe_rollouts": n_rollouts, "scores": scores}
+
+    # ------------------------------------------------------------------------------------------------ rewrite
+
+    async def rewrite(self, prompts: list[PromptRecord], responses: list[str]) -> dict[str, Any]:
+        """Offline eva's rewriter (``offline.rewrite``): the evolve LLM improves ``responses[i]``, the chosen
+        response to ``prompts[i]``, for every i (:mod:`eva_ray.rewrite`).
+
+        Returns ``{"texts": [str | None per pair], "counts": {"requested", "ok", "rejected": {reason: n},
+        "failed": {cause: n}, "retried": {cause: n}}}``; a None text (dropped or failed) means: keep the original.
+        Requests run concurrently, at most ``evolve.concurrency`` at once, each under the evolve calls' timeout
+        and retry policy; nothing the LLM does raises.
+        """
+        if self._rewriter is None:
+            complete = self._complete or self.llm.connect(max_tokens=self.cfg.offline.rewrite_max_tokens)
+            self._rewriter = Rewriter(LLMCaller.from_config(complete, self.cfg.evolve),
+                                      RewriteCheck.from_config(self.cfg.offline),
+                                      system_message=self.cfg.evolve.system_message)
+        result = await self._rewriter.rewrite([p.prompt_text for p in prompts], list(responses))
+        self.rewrite_counts.add(result.counts)
+        return result.to_dict()
 
     # ------------------------------------------------------------------------------------------------ metrics & end
 

@@ -9,6 +9,7 @@ is an :class:`EvolveLLMError` at start-up; retries, timeouts and failure causes 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from typing import Any
@@ -82,20 +83,28 @@ class EvolveLLM:
         self.counters: Counter = Counter()  # calls answered; part of the creator's checkpoint
         self.local_provider = None
         self._provider_baseline: dict[str, Any] = {}
+        self._opened = False
 
-    def connect(self) -> Complete:
+    def connect(self, *, max_tokens: int | None = None) -> Complete:
+        """The ``complete`` of the evolve LLM; ``max_tokens`` replaces ``evolve.max_tokens`` in this binding (the
+        rewriter writes whole responses, not prompts). The provider is opened and checked on the first call only;
+        every binding counts into :attr:`counters`."""
         cfg = self.cfg
-        if cfg.local_model_path:
-            from actors.local_llm import register_local_provider
+        if not self._opened:
+            if cfg.local_model_path:
+                from actors.local_llm import register_local_provider
 
-            # Load now: a lazy load would make the first evolve call take seconds while warm-up flies by.
-            self.local_provider = register_local_provider(cfg.local_model_path, load_now=True,
-                                                          provider=cfg.model.split("/", 1)[0])
-            # A provider may be reused across runs in one process; count only this creator's calls.
-            self._provider_baseline = self.local_provider.stats()
-        if not cfg.model:
-            raise ValueError("evolve.model is empty: name the LiteLLM model that evolves prompts")
-        check_litellm_model(cfg)
+                # Load now: a lazy load would make the first evolve call take seconds while warm-up flies by.
+                self.local_provider = register_local_provider(cfg.local_model_path, load_now=True,
+                                                              provider=cfg.model.split("/", 1)[0])
+                # A provider may be reused across runs in one process; count only this creator's calls.
+                self._provider_baseline = self.local_provider.stats()
+            if not cfg.model:
+                raise ValueError("evolve.model is empty: name the LiteLLM model that evolves prompts")
+            check_litellm_model(cfg)
+            self._opened = True
+        if max_tokens is not None:
+            cfg = dataclasses.replace(cfg, max_tokens=max_tokens)
         return litellm_complete(cfg, self.counters)
 
     def provider_stats(self) -> dict[str, Any]:

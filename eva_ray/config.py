@@ -400,6 +400,13 @@ class OfflineConfig:
                                          ge=1)
     rewrite: bool = knob(False, "Rewrite each chosen response with the evolve LLM before pairing (paper H.2.1: "
                          "'rewriter' in the solver step).")
+    rewrite_min_ratio: float = knob(0.5, "Drop a rewrite shorter than this times the chosen response (in "
+                                    "characters); the pair keeps the original.", gt=0, le=1)
+    rewrite_max_ratio: float = knob(2.0, "Drop a rewrite longer than this times the chosen response (in "
+                                    "characters); the pair keeps the original.", ge=1)
+    rewrite_max_tokens: int = knob(2048, "Longest rewrite the evolve LLM may write, in tokens (evolve.max_tokens "
+                                   "bounds evolved prompts); a rewrite cut here is cut mid-answer, so leave room "
+                                   "for rewrite_max_ratio times the longest response.", ge=1)
 
 
 @dataclass
@@ -436,6 +443,14 @@ def _cross_field_problems(cfg: Config) -> list[str]:
             problems.append("evolve.operator_weights: needs evolve.operators of the same length")
         elif any(w < 0 for w in weights) or sum(weights) <= 0:
             problems.append(f"evolve.operator_weights: {weights}; weights are >= 0 and not all 0")
+    if cfg.run.mode == "offline":
+        from eva_ray.offline_recipe import recipe_problems  # imports this module
+
+        problems.extend(recipe_problems(cfg))
+    if cfg.offline.rewrite and not cfg.evolve.model:
+        problems.append("offline.rewrite: the rewriter is the evolve LLM, and evolve.model is unset; name a LiteLLM "
+                        "model (e.g. gemini/gemini-1.5-pro), or a local one as <provider>/<name> with "
+                        "evolve.local_model_path")
     if cfg.evolve.deadline_s is not None and cfg.evolve.deadline_s < cfg.evolve.timeout_s:
         problems.append(f"evolve.deadline_s: {cfg.evolve.deadline_s} is below evolve.timeout_s "
                         f"{cfg.evolve.timeout_s}; the deadline bounds all attempts, so it is at least one attempt")

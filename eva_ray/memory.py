@@ -11,8 +11,8 @@ heads, head size, MLP width, vocabulary). The terms, per learner GPU, in bf16 wi
   (the embedding, the layer being computed and the one prefetched).
 - ``gradients``: bf16 gradients (2 bytes) and the fp32 copy the optimizer steps on (4 bytes); ZeRO-2 and -3
   partition both, ZeRO-1 only the fp32 copy, ZeRO-0 neither. Offloading the optimizer moves the fp32 copy to CPU.
-- ``optimizer``: fp32 master weights (4 bytes) plus AdamW's m and v (4 + 4 bytes); partitioned from ZeRO-1 on,
-  on CPU with optimizer offload.
+- ``optimizer``: fp32 master weights (4 bytes) plus AdamW's m and v (4 + 4 bytes), or RMSprop's one running
+  average (4 bytes); partitioned from ZeRO-1 on, on CPU with optimizer offload.
 - ``buckets``: DeepSpeed's gradient-reduction bucket (``reduce_bucket_size`` 5e8 elements in bf16) from ZeRO-1 on.
 - ``reference``: the frozen reference model in bf16; ZeRO-3 shards it like the policy, otherwise each rank holds it.
 - ``activations``: what autograd keeps for the backward pass, per token per layer (see :func:`activation_bytes`);
@@ -229,6 +229,8 @@ class LearnerSetup:
     offload_params: bool = False
     reference: str = "sharded"
     """``sharded`` (with the policy under ZeRO-3, else a full copy per rank), ``none`` or ``actor`` (elsewhere)."""
+    optimizer_states: int = 2
+    """fp32 values the optimizer keeps per parameter besides the master copy: 2 for AdamW, 1 for RMSprop."""
 
 
 def learner_memory(shape: ModelShape, s: LearnerSetup, reference_shape: ModelShape | None = None) -> Estimate:
@@ -249,7 +251,7 @@ def learner_memory(shape: ModelShape, s: LearnerSetup, reference_shape: ModelSha
     else:
         terms["weights"] = BF16 * p
     terms["gradients"] = BF16 * p / shard["grad16"] + (0 if s.offload_optimizer else FP32 * p / shard["fp32"])
-    terms["optimizer"] = 0 if s.offload_optimizer else (FP32 + 2 * FP32) * p / shard["fp32"]
+    terms["optimizer"] = 0 if s.offload_optimizer else (FP32 + s.optimizer_states * FP32) * p / shard["fp32"]
     if stage >= 1:
         terms["buckets"] = BF16 * min(REDUCE_BUCKET_ELEMENTS, p)
     ref = reference_shape or shape
@@ -272,6 +274,9 @@ def reference_actor_memory(shape: ModelShape, micro_batch: int, seq_len: int, lo
         "logits": (BF16 + FP32) * shape.vocab * micro_batch * logit_tokens,
     })
 
+
+OPTIMIZER_STATES = {"adamw": 2, "rmsprop": 1}
+"""fp32 states per parameter of each ``learner.optimizer`` (RMSprop without momentum keeps its square average)."""
 
 DTYPE_BYTES = {"float32": FP32, "bfloat16": BF16, "float16": BF16}
 

@@ -212,8 +212,38 @@ def _whole_gpus(cfg: Config, role: str) -> int:
     return int(g)
 
 
-def _reference_needed(cfg: Config) -> bool:
-    return get_loss(cfg.solver.algorithm).needs_reference(cfg.solver.beta)
+@dataclass(frozen=True)
+class LearnerLoad:
+    """What one learner micro-batch holds: the sequences it trains on and the models beside the policy."""
+
+    seq_len: int
+    logit_tokens: int
+    """Positions per sequence whose logits are kept (the response's, plus the one that predicts its first token)."""
+    micro_batch: int
+    """Sequences per forward/backward."""
+    reference: bool
+    optimizer: str
+    note: str = ""
+
+
+def learner_load(cfg: Config) -> LearnerLoad:
+    """Online: rollouts of ``rollout.max_prompt_tokens + max_new_tokens`` under ``solver.beta``. Offline: preference
+    pairs of the recipe's ``max_length`` (:func:`eva_ray.offline_recipe.resolve_recipe`, the loss's defaults where
+    ``offline.*`` is unset), the reference only where the loss reads it at the recipe's beta (not SimPO / ORPO), and
+    no micro-batch larger than one optimizer update's sequences (two per pair)."""
+    spec = get_loss(cfg.solver.algorithm)
+    if cfg.run.mode != "offline":
+        return LearnerLoad(cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens, cfg.rollout.max_new_tokens + 1,
+                           cfg.learner.micro_batch_size, spec.needs_reference(cfg.solver.beta), "adamw")
+    from eva_ray.offline_recipe import resolve_recipe
+
+    r = resolve_recipe(cfg)
+    micro = min(cfg.learner.micro_batch_size, 2 * r.batch_size)
+    reference = spec.needs_reference(r.beta)
+    note = (f"offline {spec.name}: the learner trains pairs of up to {r.max_length} tokens "
+            f"({r.max_length - r.max_prompt_length} of response), {micro} sequences per micro-batch, "
+            f"{r.batch_size} pairs per update, {r.optimizer}, {'with' if reference else 'no'} reference model")
+    return LearnerLoad(r.max_length, r.max_length - r.max_prompt_length + 1, micro, reference, r.optimizer, note)
 
 
 class _Gpus:
@@ -277,8 +307,8 @@ def make_plan(cfg: Config, target: Target) -> Plan:
     placements: list[Placement] = []
     groups: list[BundleGroup] = []
     uses: list[GpuUse] = []
-    seq_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens
-    logit_tokens = cfg.rollout.max_new_tokens + 1  # the learner keeps the response's logits only
+    seq_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens  # what the engines and HF rollouts hold
+    load = learner_load(cfg)
     shapes: dict[str, ModelShape] = {}
 
     def shape(path: str | None) -> ModelShape:
@@ -300,7 +330,7 @@ def make_plan(cfg: Config, target: Target) -> Plan:
         raise PlanError(f"resources.learner.num_gpus: {learner_gpus}; each learner rank drives one GPU "
                         "(allowed: 0 or 1; add ranks with resources.learner.num_workers)")
     ref_mode = "none"
-    if _reference_needed(cfg):
+    if load.reference:
         ref_mode = "actor" if cfg.learner.reference_placement == "actor" else "sharded"
     learn_nodes = []
     for i in range(n_learn):
@@ -316,10 +346,10 @@ def make_plan(cfg: Config, target: Target) -> Plan:
             policy = shape(cfg.model.path)
             ref_shape = shape(cfg.model.reference) if cfg.model.reference else policy
             est = memory.learner_memory(policy, LearnerSetup(
-                ranks=n_learn, zero_stage=cfg.learner.zero_stage, micro_batch=cfg.learner.micro_batch_size,
-                seq_len=seq_len, logit_tokens=logit_tokens, checkpointing=cfg.learner.gradient_checkpointing,
+                ranks=n_learn, zero_stage=cfg.learner.zero_stage, micro_batch=load.micro_batch,
+                seq_len=load.seq_len, logit_tokens=load.logit_tokens, checkpointing=cfg.learner.gradient_checkpointing,
                 offload_optimizer=cfg.learner.offload_optimizer, offload_params=cfg.learner.offload_params,
-                reference=ref_mode), ref_shape)
+                reference=ref_mode, optimizer_states=memory.OPTIMIZER_STATES[load.optimizer]), ref_shape)
             uses.append(GpuUse(node, got[0], f"learner-{i}", est))
     learner_bundle = {**cpu_bundle(res.learner), **({"GPU": 1.0} if learner_gpus else {})}
     groups.append(BundleGroup("learner", (learner_bundle,) * n_learn, _strategy_for(learn_nodes)))
@@ -334,7 +364,7 @@ def make_plan(cfg: Config, target: Target) -> Plan:
             node, got = gpus.take("reference", 1, node)
             ref_shape = shape(cfg.model.reference or cfg.model.path)
             uses.append(GpuUse(node, got[0], "reference-0", memory.reference_actor_memory(
-                ref_shape, cfg.learner.micro_batch_size, seq_len, logit_tokens)))
+                ref_shape, load.micro_batch, load.seq_len, load.logit_tokens)))
         placements.append(Placement("reference", 0, node, got, "reference", (0,), float(len(got))))
         groups.append(BundleGroup("reference", ({**cpu_bundle(res.learner), **({"GPU": 1.0} if got else {})},),
                                   "STRICT_PACK"))
@@ -423,7 +453,7 @@ def make_plan(cfg: Config, target: Target) -> Plan:
     placements.append(Placement("creator", 0, None, (), None, ()))
 
     overflows = _overflows(uses, target)
-    return Plan(target, placements, groups, uses, overflows)
+    return Plan(target, placements, groups, uses, overflows, notes=[load.note] if load.note else [])
 
 
 def _overflows(uses: list[GpuUse], target: Target) -> list[str]:

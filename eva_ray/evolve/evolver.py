@@ -8,8 +8,8 @@ of *ok*, *rejected* (by validation reason) or *failed* (by cause: ``rate_limit``
 creator's metrics can say where its children went.
 
 A request whose call fails for a passing reason (rate limit, timeout, connection, server error) is tried again,
-with exponential backoff, by tenacity: at most ``max_retries`` more times, each attempt bounded by ``timeout_s`` and
-the whole request (attempts and waits) by ``deadline_s``. Retries are counted by the cause that made them.
+with backoff, and every attempt and request is bounded in time: the call policy of :mod:`eva_ray.evolve.calls`,
+which the offline rewriter shares.
 
 Two ways to evolve share one path for call, parse, validate and count (:meth:`Evolver._attempt`):
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,56 +37,16 @@ from typing import Any
 import numpy as np
 
 from eva_ray.evolve.base import PromptEvolver
+from eva_ray.evolve.calls import (CONFIG_CAUSES, RETRYABLE_CAUSES, BadAnswer, Complete, LLMCaller,  # noqa: F401
+                                  failure_cause)
 from eva_ray.evolve.operators import STYLES, build_messages, choose_operators, get_style, validate_operators
 from eva_ray.evolve.validate import EvolveValidator
 from eva_ray.records import PromptRecord, make_child
 
-Complete = Callable[[list[dict[str, str]]], Awaitable[str]]
-"""An LLM call: chat messages in, the assistant's answer text out."""
 Scorer = Callable[[str], "float | Awaitable[float]"]
 """Tree-BoN judge: prompt text in, a score out (higher is better); sync or async."""
 
-# Why an LLM call failed, by exception class name, looked up along the class's MRO so that a provider library's
-# subclasses (LiteLLM's, the OpenAI client's) land on their base cause. Names, not classes: this package imports no
-# LLM client.
-_CAUSE_BY_CLASS = {
-    "RateLimitError": "rate_limit",
-    "Timeout": "timeout", "APITimeoutError": "timeout", "TimeoutError": "timeout",
-    "APIConnectionError": "connection", "ConnectionError": "connection",
-    "ContextWindowExceededError": "context_window", "ContentPolicyViolationError": "content_policy",
-    "BadRequestError": "bad_request", "UnprocessableEntityError": "bad_request",
-    "AuthenticationError": "auth", "PermissionDeniedError": "auth",
-    "NotFoundError": "not_found",
-    "InternalServerError": "server_error", "ServiceUnavailableError": "server_error", "BadGatewayError": "server_error",
-    "BadAnswer": "bad_answer",
-}
-_CAUSE_BY_STATUS = {400: "bad_request", 401: "auth", 403: "auth", 404: "not_found", 408: "timeout",
-                    422: "bad_request", 429: "rate_limit"}
-RETRYABLE_CAUSES = frozenset({"rate_limit", "timeout", "connection", "server_error"})
-"""Causes that pass: the provider is overloaded, slow or briefly unreachable. Any other fails the same way again."""
-CONFIG_CAUSES = frozenset({"bad_request", "auth", "not_found"})
-"""Causes that, when every call fails with them, say the evolve LLM is misconfigured (model, provider, key)."""
-_MAX_BACKOFF_S = 30.0
 _EVENT_TEXT_CHARS = 2000  # how much of a rejected answer or an error message an outcome keeps
-
-
-def failure_cause(exc: BaseException) -> str:
-    """The cause of a failed LLM call, e.g. ``rate_limit`` or ``timeout``; an unknown exception's type name."""
-    for klass in type(exc).__mro__:
-        cause = _CAUSE_BY_CLASS.get(klass.__name__)
-        if cause is not None:
-            return cause
-    status = getattr(exc, "status_code", None)
-    if isinstance(status, int):
-        if status in _CAUSE_BY_STATUS:
-            return _CAUSE_BY_STATUS[status]
-        if status >= 500:
-            return "server_error"
-    return type(exc).__name__
-
-
-class BadAnswer(TypeError):
-    """``complete()`` returned something other than text."""
 
 
 @dataclass
@@ -197,87 +156,19 @@ class Evolver(PromptEvolver):
         retry_backoff_s: float = 1.0,
         system_message: bool = True,
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-        for name, value in (("timeout_s", timeout_s), ("deadline_s", deadline_s)):
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if max_retries < 0 or retry_backoff_s < 0:
-            raise ValueError(f"max_retries and retry_backoff_s must be >= 0, got {max_retries}, {retry_backoff_s}")
-        self.complete = complete
+        self.caller = LLMCaller(complete, max_concurrency=max_concurrency, timeout_s=timeout_s,
+                                deadline_s=deadline_s, max_retries=max_retries, retry_backoff_s=retry_backoff_s)
         self.style = get_style(style).name
         self.operators = validate_operators(
             STYLES[self.style].operators if operators is None else operators, self.style
         )
         self.validator = validator if validator is not None else EvolveValidator()
         self.rng = np.random.default_rng(rng_seed)
-        self.max_concurrency = max_concurrency
-        self.timeout_s = timeout_s
-        self.deadline_s = deadline_s
-        self.max_retries = max_retries
-        self.retry_backoff_s = retry_backoff_s
         self.system_message = system_message
-        self._sem: asyncio.Semaphore | None = None
-        self._sem_loop: asyncio.AbstractEventLoop | None = None
 
     # --- shared path ------------------------------------------------------------------------------------------------
-    def _semaphore(self) -> asyncio.Semaphore:
-        # One semaphore per event loop: concurrent evolve calls on the same loop share the limit, and an evolver
-        # reused under a fresh loop (asyncio.run in tests, a restarted actor) does not touch a dead loop's primitive.
-        loop = asyncio.get_running_loop()
-        if self._sem is None or self._sem_loop is not loop:
-            self._sem, self._sem_loop = asyncio.Semaphore(self.max_concurrency), loop
-        return self._sem
-
     def _messages(self, job: EvolveJob) -> list[dict[str, str]]:
         return build_messages(job.parent.prompt_text, job.operator, self.style, system=self.system_message)
-
-    async def _call(self, messages: list[dict[str, str]], counts: EvolveCounts) -> str | BaseException:
-        """One request, retried for passing causes; the answer, or the exception of its last attempt (counted)."""
-        # Imported here, not at module level: eva_ray.config imports this package, and the learner and rollout
-        # worker must import where tenacity is absent (the GPU machine of scripts/gpu_check.py).
-        from tenacity import (AsyncRetrying, retry_if_exception, stop_after_attempt, stop_before_delay,
-                              wait_exponential_jitter)
-
-        async with self._semaphore():  # held over retries too: a rate-limited provider gets no more calls at once
-            stop = stop_after_attempt(self.max_retries + 1)
-            if self.deadline_s is not None:
-                stop = stop | stop_before_delay(self.deadline_s)
-            deadline = None if self.deadline_s is None else time.monotonic() + self.deadline_s
-
-            def count_retry(state: Any) -> None:
-                counts.retried[failure_cause(state.outcome.exception())] += 1
-
-            retrying = AsyncRetrying(
-                stop=stop, reraise=True, before_sleep=count_retry,
-                wait=wait_exponential_jitter(multiplier=self.retry_backoff_s, max=_MAX_BACKOFF_S,
-                                             jitter=self.retry_backoff_s),
-                retry=retry_if_exception(lambda exc: failure_cause(exc) in RETRYABLE_CAUSES),
-            )
-            try:
-                async for attempt in retrying:
-                    with attempt:
-                        raw = await self._call_once(messages, deadline, counts)
-            except Exception as exc:  # noqa: BLE001 - any provider error is one failed request, not a dead batch
-                counts.failed[failure_cause(exc)] += 1
-                return exc
-        return raw
-
-    async def _call_once(self, messages: list[dict[str, str]], deadline: float | None, counts: EvolveCounts) -> str:
-        """One attempt, bounded by ``timeout_s`` and by what is left of the request's deadline."""
-        limits = [t for t in (self.timeout_s, None if deadline is None else deadline - time.monotonic())
-                  if t is not None]
-        t0 = time.perf_counter()
-        try:
-            if limits:
-                raw = await asyncio.wait_for(self.complete(messages), max(min(limits), 0.0))
-            else:
-                raw = await self.complete(messages)
-        finally:
-            counts.latencies_s.append(time.perf_counter() - t0)
-        if not isinstance(raw, str):
-            raise BadAnswer(f"complete() returned {type(raw).__name__}, expected str")
-        return raw
 
     async def _attempt(self, jobs: Sequence[EvolveJob], step: int, counts: EvolveCounts,
                        outcomes: list[dict[str, Any]]) -> list[PromptRecord | None]:
@@ -288,7 +179,7 @@ class Evolver(PromptEvolver):
         """
         counts.requested += len(jobs)
         requests = [self._messages(job) for job in jobs]
-        raws = await asyncio.gather(*(self._call(messages, counts) for messages in requests))
+        raws = await asyncio.gather(*(self.caller.call(messages, counts) for messages in requests))
         out: list[PromptRecord | None] = []
         for job, messages, raw in zip(jobs, requests, raws):
             where = {"step": step, "parent_id": job.parent.id, "operator": job.operator, "index": job.index}
@@ -347,7 +238,7 @@ class Evolver(PromptEvolver):
 
     # --- tree best-of-N ---------------------------------------------------------------------------------------------
     async def _score(self, scorer: Scorer, text: str) -> float:
-        async with self._semaphore():  # a scorer is often an LLM judge: same concurrency budget
+        async with self.caller.semaphore():  # a scorer is often an LLM judge: same concurrency budget
             value = scorer(text)
             if inspect.isawaitable(value):
                 value = await value

@@ -78,3 +78,32 @@ def test_plan_prints_the_checkpoint_size_under_the_memory_table():
     # gemma-2-9b under ZeRO-3 in bf16: fp32 master weights and AdamW's two moments, 12 bytes a parameter.
     assert lines[size].startswith("checkpoint: ~110.9 GB each (learner 110.9 GB at ZeRO-3 in bfloat16, creator ")
     assert "keeping 2 while writing the next needs ~332.7 GB" in lines[size]
+
+
+OFFLINE_DPO = "configs/gemma2-9b-dpo-offline-8xh100.yaml"
+# The loss registry's "dpo" where it has one; else (a branch without the offline losses) a stand-in with the paper's
+# DPO recipe, registered by a plugin module that only this test puts on the path.
+_DPO_STANDIN = '''
+from eva_ray.losses import LOSSES, LossSpec, TrainingDefaults, register_loss
+if "dpo" not in LOSSES:
+    register_loss(LossSpec("dpo", "eva_ray.losses.dpo:oaif_loss", view="pairs", unit="group", reference="always",
+                           beta_positive=True, defaults=TrainingDefaults(
+                               beta=0.05, lr=5e-7, lr_schedule="cosine", warmup_ratio=0.1, epochs=2, batch_size=8,
+                               max_length=2048, max_prompt_length=1024, optimizer="adamw")))
+'''
+
+
+def test_plan_passes_on_the_offline_dpo_config_and_names_the_overflow_on_2_gpus(tmp_path):
+    (tmp_path / "dpo_standin.py").write_text(_DPO_STANDIN)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    out = cli("plan", "--config", OFFLINE_DPO, "run.plugins=[dpo_standin]", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "rollout-2    node 0, GPU 7" in out.stdout and "offline dpo: the learner trains pairs" in out.stdout
+    assert out.stdout.rstrip().endswith("fits")
+    small = cli("plan", "--config", OFFLINE_DPO, "--gpus-per-node", "2", "run.plugins=[dpo_standin]",
+                "resources.learner.num_workers=1", "resources.rollout.num_workers=1", "resources.reward.num_gpus=0",
+                env=env)
+    assert small.returncode == 1
+    (line,) = small.stderr.strip().splitlines()
+    assert line.startswith("eva-ray: plan does not fit: learner-0 on node 0 GPU 0 needs ")
+    assert "GB over (largest term: optimizer" in line
