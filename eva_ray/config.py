@@ -444,7 +444,7 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         elif any(w < 0 for w in weights) or sum(weights) <= 0:
             problems.append(f"evolve.operator_weights: {weights}; weights are >= 0 and not all 0")
     if cfg.run.mode == "offline":
-        from eva_ray.offline_recipe import recipe_problems  # imports this module
+        from eva_ray.offline.recipe import recipe_problems  # imports this module
 
         problems.extend(recipe_problems(cfg))
     if cfg.offline.rewrite and not cfg.evolve.model:

@@ -396,10 +396,7 @@ def run_offline(cfg: Config, *, inline: bool = False, echo: Callable[[str], None
                 resume: str | Path | None = None) -> OfflineSummary:
     """Run offline eva for ``offline.iterations`` iterations (see the module docstring)."""
     cfg = with_world_defaults(with_resolved_models(cfg))
-    try:
-        recipe = resolve_recipe(cfg)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    recipe = resolve_recipe(cfg)  # the config check ran it already: a RecipeError here is a ConfigError too
     train, held_out, data_report = load_prompts(cfg)
     if resume is not None:
         run_dir = _resume_dir(cfg, resume)

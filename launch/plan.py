@@ -228,14 +228,14 @@ class LearnerLoad:
 
 def learner_load(cfg: Config) -> LearnerLoad:
     """Online: rollouts of ``rollout.max_prompt_tokens + max_new_tokens`` under ``solver.beta``. Offline: preference
-    pairs of the recipe's ``max_length`` (:func:`eva_ray.offline_recipe.resolve_recipe`, the loss's defaults where
+    pairs of the recipe's ``max_length`` (:func:`eva_ray.offline.recipe.resolve_recipe`, the loss's defaults where
     ``offline.*`` is unset), the reference only where the loss reads it at the recipe's beta (not SimPO / ORPO), and
     no micro-batch larger than one optimizer update's sequences (two per pair)."""
     spec = get_loss(cfg.solver.algorithm)
     if cfg.run.mode != "offline":
         return LearnerLoad(cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens, cfg.rollout.max_new_tokens + 1,
                            cfg.learner.micro_batch_size, spec.needs_reference(cfg.solver.beta), "adamw")
-    from eva_ray.offline_recipe import resolve_recipe
+    from eva_ray.offline.recipe import resolve_recipe
 
     r = resolve_recipe(cfg)
     micro = min(cfg.learner.micro_batch_size, 2 * r.batch_size)

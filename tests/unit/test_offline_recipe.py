@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from eva_ray.config import ConfigError, load_config
-from eva_ray.offline_recipe import RECIPE_KNOBS, Recipe, resolve_recipe
+from eva_ray.offline.recipe import RECIPE_KNOBS, Recipe, resolve_recipe
 
 BASE = ["reward.function=a.b:c", "run.mode=offline"]
 
@@ -14,7 +14,8 @@ BASE = ["reward.function=a.b:c", "run.mode=offline"]
 def test_unset_knobs_take_the_losss_published_recipe(offline_losses):
     recipe = resolve_recipe(load_config(None, [*BASE, "solver.algorithm=dpo"]))
     published = offline_losses["dpo"].defaults
-    assert recipe == Recipe(**{k: getattr(published, k) for k in RECIPE_KNOBS}, options={})
+    assert recipe == Recipe(**{k: getattr(published, k) for k in RECIPE_KNOBS}, options={},
+                            from_loss=RECIPE_KNOBS)
     if published.max_length == 2048:  # the paper's DPO recipe (the stand-in's, and the registry's if it has dpo)
         assert (recipe.batch_size, recipe.max_prompt_length, recipe.epochs) == (8, 1024, 2)
 
@@ -26,6 +27,7 @@ def test_set_knobs_override_and_options_come_from_the_spec(offline_losses):
     assert (recipe.lr, recipe.batch_size, recipe.optimizer, recipe.max_length) == (1e-6, 16, "rmsprop", 4096)
     assert (recipe.beta, recipe.epochs, recipe.max_prompt_length) == (10.0, 1, 1024)  # SimPO's own
     assert recipe.options == {"simpo_gamma": 5.0}
+    assert set(recipe.from_loss) == set(RECIPE_KNOBS) - {"lr", "batch_size", "optimizer", "max_length"}
     assert resolve_recipe(load_config(None, [*BASE, "solver.algorithm=test_sppo"])).lr_schedule == "linear"
 
 
@@ -48,3 +50,16 @@ def test_a_loss_without_a_recipe_names_every_unset_knob():
 def test_a_prompt_limit_that_leaves_no_response_is_an_error(offline_losses):
     with pytest.raises(ConfigError, match="offline.max_prompt_length: 2048 leaves no room"):
         load_config(None, [*BASE, "solver.algorithm=dpo", "offline.max_prompt_length=2048"])
+
+
+def test_for_learner_writes_the_recipe_into_the_learners_knobs():
+    from eva_ray.offline.recipe import for_learner
+
+    cfg = load_config(None, [*BASE, "solver.algorithm=simpo", "offline.lr=2e-6", "solver.simpo_gamma=1.5"])
+    learner_cfg = for_learner(cfg, resolve_recipe(cfg))
+    assert (learner_cfg.solver.beta, learner_cfg.solver.simpo_gamma) == (10.0, 1.5)  # SimPO's beta, the set gamma
+    assert (learner_cfg.learner.lr, learner_cfg.learner.lr_schedule, learner_cfg.learner.optimizer) == (
+        2e-6, "cosine", "adamw")
+    assert learner_cfg.run.overlap == "off"
+    sppo = load_config(None, [*BASE, "solver.algorithm=sppo"])
+    assert for_learner(sppo, resolve_recipe(sppo)).learner.optimizer == "rmsprop"
