@@ -142,3 +142,29 @@ def test_a_kill_resumes_to_the_uninterrupted_policy_keeping_finished_work(uninte
 def test_resume_refuses_a_changed_config(uninterrupted, tmp_path):
     done = run_cli(tmp_path, "run", "--inline", "--resume", str(uninterrupted), "offline.children=3")
     assert done.returncode == 2 and "offline.children" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_rewriter_replaces_chosen_responses_through_litellm(tmp_path, tiny_cache, monkeypatch):
+    """The tiny config offline, with offline.rewrite: the tiny LLM behind LiteLLM rewrites each chosen response."""
+    import datasets
+
+    from eva_ray.config import load_config
+    from launch.offline import run_offline
+
+    monkeypatch.setenv("EVA_RAY_CACHE", str(tiny_cache))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [
+        f"run.output_dir={tmp_path}", "run.mode=offline", "solver.algorithm=dpo", "offline.iterations=1",
+        "offline.prompts_per_iteration=8", "offline.responses_per_prompt=3", "offline.rewrite=true",
+        # The tiny LLM writes short noise: bounds wide enough to accept it, so what is checked is the plumbing.
+        "offline.rewrite_min_ratio=0.01", "offline.rewrite_max_ratio=100", "offline.rewrite_max_tokens=24"])
+    lines: list[str] = []
+    summary = run_offline(cfg, inline=True, echo=lines.append)
+    (it,) = summary.iterations
+    pairs = datasets.load_dataset("parquet", data_files=str(Path(summary.run_dir) / "offline" / "iter-001" /
+                                                            "pairs.parquet"), split="train")
+    rewritten = [row for row in pairs if row["rewritten"]]
+    assert it["rewritten"] == len(rewritten) > 0 and it["updates"] > 0
+    assert all(row["original_chosen"] and row["chosen"] != row["original_chosen"] for row in rewritten)
+    assert any(line.startswith("eva-ray: rewrote ") for line in lines)

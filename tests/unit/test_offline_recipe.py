@@ -63,3 +63,15 @@ def test_for_learner_writes_the_recipe_into_the_learners_knobs():
     assert learner_cfg.run.overlap == "off"
     sppo = load_config(None, [*BASE, "solver.algorithm=sppo"])
     assert for_learner(sppo, resolve_recipe(sppo)).learner.optimizer == "rmsprop"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["solver.algorithm=rloo"], "solver.algorithm: rloo trains on groups of online samples; run.mode=offline"),
+    (["solver.algorithm=dpo", "evolve.method=none"], "evolve.method: 'none' evolves nothing"),
+    (["solver.algorithm=dpo", "offline.beta=0"], "offline.beta"),
+])
+def test_offline_configs_that_cannot_run_are_refused_by_name(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*BASE, *overrides])
+    assert load_config(None, [*BASE, *overrides, "run.mode=online"] if "rloo" in overrides[0] else
+                       [*BASE, "solver.algorithm=dpo", "offline.arm=static", "evolve.method=none"])
