@@ -1,7 +1,7 @@
 """Offline eva against offline static training, over seeds and losses, at equal responses generated.
 
     python scripts/experiment_offline.py --config configs/cipher-offline.yaml --name experiment-cipher-offline \
-        --losses dpo,simpo --seeds 3 --jobs 2
+        --losses dpo,simpo --loss-override simpo:offline.lr=1e-3 --seeds 3 --jobs 2
 
 Arms (each a set of overrides on the config; T = ``offline.iterations`` of the config):
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import os
 import statistics
@@ -43,8 +44,10 @@ def arm_overrides(arm: str, iterations: int) -> list[str]:
     }[arm]
 
 
-def run_dir_of(runs: Path, loss: str, arm: str, seed: int) -> Path:
-    return runs / f"{loss}-{arm}-seed{seed}"
+def run_dir_of(runs: Path, loss: str, arm: str, seed: int, overrides: list[str]) -> Path:
+    """Where a run lives: its cell, seed and a digest of its overrides (other settings never reuse its results)."""
+    digest = hashlib.sha1("\n".join(overrides).encode()).hexdigest()[:8]
+    return runs / f"{loss}-{arm}-seed{seed}-{digest}"
 
 
 def finished(out: Path) -> dict | None:
@@ -59,11 +62,13 @@ def finished(out: Path) -> dict | None:
 
 
 def run_one(args: argparse.Namespace, loss: str, arm: str, seed: int, iterations: int) -> dict:
-    out = run_dir_of(args.runs_dir, loss, arm, seed)
+    settings = [str(args.config), *args.overrides, *args.per_loss.get(loss, [])]
+    out = run_dir_of(args.runs_dir, loss, arm, seed, settings)
     summary = finished(out) if out.exists() else None
     if summary is None:
         cmd = [sys.executable, "-m", "launch", "run", "--inline", "--config", str(args.config), *args.overrides,
-               f"solver.algorithm={loss}", *arm_overrides(arm, iterations), f"run.seed={seed}",
+               f"solver.algorithm={loss}", *args.per_loss.get(loss, []), *arm_overrides(arm, iterations),
+               f"run.seed={seed}",
                f"run.output_dir={out}", f"run.name={loss}-{arm}", "logging.progress=false"]
         start = time.perf_counter()
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
@@ -118,7 +123,8 @@ def cell_table(runs: list[dict]) -> dict[str, Any]:
 def write_report(args: argparse.Namespace, table: dict[str, Any], command: str) -> None:
     docs = REPO / "docs"
     (docs / f"{args.name}.json").write_text(json.dumps({"command": command, "config": str(args.config),
-                                                        "overrides": args.overrides, "cells": table}, indent=1))
+                                                        "overrides": args.overrides, "per_loss": args.per_loss,
+                                                        "cells": table}, indent=1))
     lines = [f"# {args.name}: offline eva against offline static training", "",
              f"Command: `{command}`", "",
              "Held-out accuracy after the last iteration, mean ± std [min-max] over seeds (greedy accuracy, and the "
@@ -185,12 +191,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "cipher-offline.yaml")
     parser.add_argument("--name", default="experiment-cipher-offline")
     parser.add_argument("--losses", default="dpo,simpo")
+    parser.add_argument("--loss-override", action="append", default=[], metavar="LOSS:PATH=VALUE",
+                        help="an override for one loss's runs only (repeatable), e.g. simpo:offline.lr=1e-3")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "experiment-offline")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run (dotted.path=value)")
     args = parser.parse_args(argv)
+    args.per_loss = {}
+    for item in args.loss_override:
+        loss, sep, override = item.partition(":")
+        if not sep or "=" not in override:
+            parser.error(f"--loss-override: {item!r} is not LOSS:path=value")
+        args.per_loss.setdefault(loss, []).append(override)
     arms = args.arms.split(",")
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
