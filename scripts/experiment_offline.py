@@ -15,6 +15,7 @@ Every run is an ``eva-ray run --inline`` of its own (a subprocess); a finished r
 its iterations) is kept and not run again. The report (Markdown, JSON, plot) goes to ``docs/<name>.*``: held-out
 accuracy (greedy, and the exact expected accuracy of sampled answers) after every iteration, against the responses
 generated so far, mean and spread over seeds.
+A run that fails stops the experiment with its last output; the runs already finished are kept for the next try.
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ def cell_table(runs: list[dict]) -> dict[str, Any]:
 
 
 def write_report(args: argparse.Namespace, table: dict[str, Any], command: str) -> None:
-    docs = REPO / "docs"
+    docs = args.out
+    docs.mkdir(parents=True, exist_ok=True)
     (docs / f"{args.name}.json").write_text(json.dumps({"command": command, "config": str(args.config),
                                                         "overrides": args.overrides, "per_loss": args.per_loss,
                                                         "cells": table}, indent=1))
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "experiment-offline")
+    parser.add_argument("--out", type=Path, default=REPO / "docs", help="where the report goes")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run (dotted.path=value)")
     args = parser.parse_args(argv)
     args.per_loss = {}
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = list(pool.map(lambda job: run_one(args, *job, iterations), jobs))
     command = "python scripts/experiment_offline.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_report(args, cell_table(runs), command)
-    print(f"report: docs/{args.name}.md")
+    print(f"report: {args.out / (args.name + '.md')}")
     return 0
 
 

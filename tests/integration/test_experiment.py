@@ -92,3 +92,29 @@ def test_a_run_that_stops_early_is_reported_and_not_rerun(tmp_path, monkeypatch,
     experiment.write_markdown(tmp_path / "r.md", by_arm, args, "cmd", [rec])
     md = (tmp_path / "r.md").read_text()
     assert "## Runs that stopped early" in md and "| inverse | 0 | 7 | 0.250 | CreatorStarved: step 7" in md
+
+
+OFFLINE_SCRIPT = SCRIPT.with_name("experiment_offline.py")
+
+
+@pytest.mark.slow
+def test_offline_experiment_reports_the_arms_at_their_cost_and_keeps_finished_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    spec = importlib.util.spec_from_file_location("experiment_offline", OFFLINE_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    argv = ["--name", "offline-test", "--losses", "dpo", "--arms", "static,eva,static_long", "--seeds", "1",
+            "--out", str(out), "--runs-dir", str(runs), "offline.iterations=2", "offline.prompts_per_iteration=48",
+            "offline.shard_prompts=48", "world.eval_per_level=5", "world.seed_size=200"]
+    assert module.main(argv) == 0
+    report = json.loads((out / "offline-test.json").read_text())["cells"]["dpo"]
+    # Responses per run: static 2 passes of 48 x 6, eva 3 (the informativeness pass), static_long 3 iterations.
+    assert report["static"]["responses"] == [2 * 48 * 6]
+    assert report["eva"]["responses"] == report["static_long"]["responses"] == [3 * 48 * 6]
+    assert len(report["eva"]["curves"]["expected_accuracy"][0]) == 3  # the start and two iterations
+    md = (out / "offline-test.md").read_text()
+    assert "| eva |" in md and "| static_long |" in md and (out / "offline-test.png").stat().st_size > 0
+    capsys.readouterr()
+    assert module.main(argv) == 0  # every run is finished: nothing runs again
+    assert "done in" not in capsys.readouterr().out
