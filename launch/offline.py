@@ -360,6 +360,9 @@ class OfflineRun:
         if evaluator is not None:
             figures["eval"] = evaluator.evaluate()
         store.mark_done(figures)
+        if store.train_state() is not None:  # a resumed run starts from this checkpoint now: older ones go
+            for earlier in range(1, t):
+                IterationStore(self.run_dir, earlier).drop_checkpoint()
         return figures
 
 

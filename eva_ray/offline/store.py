@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,12 @@ class IterationStore:
 
     def write_train_state(self, state: dict[str, Any]) -> None:
         write_json(self.path / "train_state.json", state, indent=2)
+
+    def drop_checkpoint(self) -> None:
+        """Delete the learner checkpoint (a later iteration's replaces it for resuming): position first, so a kill in
+        between leaves no position that names a missing checkpoint."""
+        (self.path / "train_state.json").unlink(missing_ok=True)
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
     def done(self) -> dict[str, Any] | None:
         path = self.path / "done.json"

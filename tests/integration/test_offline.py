@@ -108,6 +108,9 @@ def test_two_iterations_write_their_datasets_and_evolve_the_second_set(uninterru
     assert all(row["chosen_reward"] > row["rejected_reward"] for row in pairs)
     responses = datasets.load_dataset("parquet", data_files=str(it2 / "responses" / "*.parquet"), split="train")
     assert responses.num_rows == 64 * 6 and set(responses["prompt_id"]) == {row["id"] for row in prompts}
+    # Only the newest learner checkpoint is kept (a 9B one is ~111 GB); every iteration keeps its policy.
+    assert not (run_dir / "offline" / "iter-001" / "train-checkpoint").exists()
+    assert (it2 / "train-checkpoint").is_dir() and (run_dir / "offline" / "iter-001" / "policy").is_dir()
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in line for line in lines) and any("offline/pairs" in line for line in lines)
 
