@@ -51,7 +51,7 @@ from launch.handles import gather, set_call_timeout
 from launch.metrics import MetricsLogger
 from launch.recovery import Restarts, WorkerRestarted
 from launch.signals import reset as reset_signals
-from launch.signals import restore_sigterm, stop_on_sigterm
+from launch.signals import restore_sigterm, stop_at_step_end, stop_on_sigterm, terminated
 
 STATE_FILE = "offline/state.json"
 WORKER_STATS = ("responses", "prompts", "tokens_generated")
@@ -203,6 +203,7 @@ class OfflineRun:
             result = self._call("reward", lambda part=part, texts=texts: gather(
                 [self.system.reward.call("score", part, texts)])[0])
             store.write_shard(kind, index, groups, result.rewards)
+            stop_at_step_end()  # a SIGTERM during the shard stops the run here, with the shard kept
             eta.update(eta.done + 1, f"(reward mean {np.nanmean(np.asarray(result.rewards, dtype=float)):.3f})")
         return store.read_shards(kind, len(bounds))
 
@@ -320,10 +321,11 @@ class OfflineRun:
                 self.logger.log(self.system.learner_version, _grouped(metrics) | {"offline": {"iteration": t,
                                                                                                "epoch": epoch + 1}})
                 end_of_epoch = index + 1 == len(batches)
-                if end_of_epoch or (every and state["updates"] % every == 0):
-                    if end_of_epoch:
-                        state = {"epoch": epoch + 1, "batch": 0, "updates": state["updates"]}
+                if end_of_epoch:
+                    state = {"epoch": epoch + 1, "batch": 0, "updates": state["updates"]}
+                if end_of_epoch or (every and state["updates"] % every == 0) or terminated():
                     self.checkpoint(store, state)
+                stop_at_step_end()  # after a SIGTERM: stopped with this update checkpointed
                 eta.update(eta.done + 1, f"(epoch {epoch + 1}/{self.recipe.epochs}, loss {losses[-1]:.4g})")
         return {"updates": total, "loss_first": losses[0] if losses else None,
                 "loss_last": losses[-1] if losses else None, "pairs_cut": cut}
@@ -479,7 +481,8 @@ def run_offline(cfg: Config, *, inline: bool = False, echo: Callable[[str], None
             echo(iteration_line(figures))
     except KeyboardInterrupt:
         summary.interrupted = True
-        echo(f"eva-ray: interrupted; resume with: eva-ray run --config {run_dir / 'config.yaml'} --resume {run_dir}")
+        echo(f"eva-ray: interrupted; finished shards and the last checkpoint are kept; resume with: eva-ray run "
+             f"--resume {run_dir}")
     finally:
         if system is not None:
             summary.placement = system.placement

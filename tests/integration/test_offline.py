@@ -22,7 +22,8 @@ ARGS = ["run", "--inline", "--config", "configs/cipher-offline.yaml", "offline.i
         "offline.checkpoint_every=2", "world.eval_per_level=10", f"solver.algorithm={LOSS}", "logging.progress=false"]
 
 # Runs the CLI; with a kill point, SIGKILLs its own process there (after shard 0 of iteration 2's responses is on
-# disk, or on the first update of iteration 2 after its first checkpoint: an update no checkpoint holds).
+# disk, or on the first update of iteration 2 after its first checkpoint: an update no checkpoint holds), or sends
+# itself SIGTERM at that update ("sigterm": the run should checkpoint it and stop).
 KILLER = """
 import json, os, signal, sys
 from pathlib import Path
@@ -35,14 +36,14 @@ if point == "generation":
         if self.iteration == 2 and kind == "responses" and index == 0:
             os.kill(os.getpid(), signal.SIGKILL)
     IterationStore.write_shard = write_shard
-elif point == "training":
+elif point in ("training", "sigterm"):
     from actors.learner import Learner
     step = Learner.train_step
     def train_step(self, batch, **kw):
         result = step(self, batch, **kw)
         states = list(out.glob("*/offline/iter-002/train_state.json"))
         if states and json.loads(states[0].read_text())["updates"] > 0:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL if point == "training" else signal.SIGTERM)
         return result
     Learner.train_step = train_step
 from launch.cli import main
@@ -116,16 +117,18 @@ def test_two_iterations_write_their_datasets_and_evolve_the_second_set(uninterru
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["generation", "training"])
+@pytest.mark.parametrize("point", ["generation", "training", "sigterm"])
 def test_a_kill_resumes_to_the_uninterrupted_policy_keeping_finished_work(uninterrupted, tmp_path, point):
     killed = run_cli(tmp_path, *ARGS, f"run.output_dir={tmp_path}", point=point)
-    assert killed.returncode == -9, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert killed.returncode == (143 if point == "sigterm" else -9), killed.stdout[-3000:] + killed.stderr[-3000:]
     run_dir = run_dir_in(tmp_path)
     it2 = run_dir / "offline" / "iter-002"
     kept = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in it2.rglob("*.parquet")}
     assert kept and not (it2 / "done.json").exists()
-    if point == "training":
+    if point != "generation":
         before = json.loads((it2 / "train_state.json").read_text())["updates"]
+    if point == "sigterm":  # stopped after checkpointing the update it was in, and said how to resume
+        assert "--resume" in killed.stdout and before > 1
     resumed = run_cli(tmp_path, "run", "--inline", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     # Every file the killed run finished is still the same file: nothing was generated or paired again.
