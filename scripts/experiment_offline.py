@@ -10,6 +10,7 @@ Arms (each a set of overrides on the config; T = ``offline.iterations`` of the c
   fresh responses of the policy just trained (one more response pass per iteration: 2T - 1 passes in all).
 - ``eva_reuse``: the same, informativeness read from the responses the last set was trained on (T passes).
 - ``static_long``: static for 2T - 1 iterations: the responses ``eva`` spends.
+- ``eva_reuse_long``: ``eva_reuse`` for 2T - 1 iterations: ``static_long``'s responses and iterations.
 
 Every run is an ``eva-ray run --inline`` of its own (a subprocess); a finished run (its ``summary.json`` holds all
 its iterations) is kept and not run again. The report (Markdown, JSON, plot) goes to ``docs/<name>.*``: held-out
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("static", "eva", "eva_reuse", "static_long")
+ARMS = ("static", "eva", "eva_reuse", "static_long", "eva_reuse_long")
 
 
 def arm_overrides(arm: str, iterations: int) -> list[str]:
@@ -42,6 +43,7 @@ def arm_overrides(arm: str, iterations: int) -> list[str]:
         "eva": ["offline.arm=eva", "offline.estimate=fresh"],
         "eva_reuse": ["offline.arm=eva", "offline.estimate=reuse"],
         "static_long": ["offline.arm=static", f"offline.iterations={2 * iterations - 1}"],
+        "eva_reuse_long": ["offline.arm=eva", "offline.estimate=reuse", f"offline.iterations={2 * iterations - 1}"],
     }[arm]
 
 
@@ -169,7 +171,8 @@ def write_plot(path: Path, table: dict[str, Any]) -> None:
                 n = min(len(c) for c in curves)
                 xs = [statistics.fmean(c[i][0] for c in curves) for i in range(n)]
                 ys = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
-                line, = ax.plot(xs, ys, marker="o", label=arm)
+                # static_long's first T iterations are static's (the same slices of D): dashed, so both show.
+                line, = ax.plot(xs, ys, marker="o", label=arm, linestyle="--" if arm.endswith("_long") else "-")
                 for c in curves:
                     ax.plot([p[0] for p in c], [p[1] for p in c], color=line.get_color(), alpha=0.2, lw=0.8)
             ax.set_title(f"{loss}: held-out {key.replace('_', ' ')}")
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--losses", default="dpo,simpo")
     parser.add_argument("--loss-override", action="append", default=[], metavar="LOSS:PATH=VALUE",
                         help="an override for one loss's runs only (repeatable), e.g. simpo:offline.lr=1e-3")
-    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--arms", default=",".join(ARMS[:4]))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "experiment-offline")
