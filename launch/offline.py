@@ -243,17 +243,23 @@ class OfflineRun:
                                                         and self.cfg.reward.backend == "pairwise")
         if not pairwise:
             return [win_probabilities(bradley_terry_matrix(row)).tolist() for row in rewards]
-        out = []
-        for pid, group in zip(ids, groups):
-            k = len(group)
-            a, b = zip(*[(i, j) for i in range(k) for j in range(k) if i != j])
-            probs = gather([self.system.reward.call("compare", [by_id[pid]] * len(a), [group[i].text for i in a],
-                                                    [group[j].text for j in b])])[0]
-            matrix = np.full((k, k), 0.5)
-            for i, j, p in zip(a, b, probs):
-                matrix[i, j] = p
-            out.append(win_probabilities(matrix).tolist())
-        return out
+        # Every unordered pair of every prompt in one call: the pairwise model judges both orders itself.
+        index = [(p, i, j) for p, group in enumerate(groups) for i in range(len(group))
+                 for j in range(i + 1, len(group))]
+        probs = self._call("reward", lambda: gather([self.system.reward.call(
+            "compare", [by_id[ids[p]] for p, _, _ in index], [groups[p][i].text for p, i, _ in index],
+            [groups[p][j].text for p, _, j in index])])[0])
+        matrices = [np.full((len(group), len(group)), 0.5) for group in groups]
+        unjudged = 0
+        for (p, i, j), prob in zip(index, probs):
+            if np.isfinite(prob) and 0.0 <= prob <= 1.0:
+                matrices[p][i, j], matrices[p][j, i] = prob, 1.0 - prob
+            else:  # a comparison the model could not make states no preference
+                unjudged += 1
+        if unjudged:
+            self.echo(f"eva-ray: {unjudged} of {len(index)} pairwise comparisons gave no probability; counted as "
+                      "ties")
+        return [win_probabilities(m).tolist() for m in matrices]
 
     def rewrite(self, pairs: list[dict[str, Any]], by_id: dict[str, PromptRecord]) -> None:
         """Replace each chosen response by the evolve LLM's rewrite of it, where one passed the checks."""

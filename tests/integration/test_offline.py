@@ -174,3 +174,41 @@ def test_the_rewriter_replaces_chosen_responses_through_litellm(tmp_path, tiny_c
     assert it["rewritten"] == len(rewritten) > 0 and it["updates"] > 0
     assert all(row["original_chosen"] and row["chosen"] != row["original_chosen"] for row in rewritten)
     assert any(line.startswith("eva-ray: rewrote ") for line in lines)
+
+
+@pytest.mark.slow
+def test_sppo_targets_come_from_the_pairwise_reward_models_comparisons(tmp_path, tiny_cache, monkeypatch):
+    """SPPO with a pairwise reward model: each pair's targets are P(y > pi), the mean of the model's P(y > y_j)."""
+    import pyarrow.parquet as pq
+
+    from actors.reward import RewardActor
+    from eva_ray.config import load_config
+    from eva_ray.offline.store import IterationStore, groups_of
+    from eva_ray.tiny import resolve_model_path
+    from launch.offline import run_offline
+
+    monkeypatch.setenv("EVA_RAY_CACHE", str(tiny_cache))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [
+        f"run.output_dir={tmp_path}", "run.mode=offline", "solver.algorithm=sppo", "reward.backend=pairwise",
+        "offline.iterations=1", "offline.prompts_per_iteration=6", "offline.responses_per_prompt=3",
+        "offline.epochs=1"])
+    summary = run_offline(cfg, inline=True, echo=lambda line: None)
+    store = IterationStore(summary.run_dir, 1)
+    prompts = {p.id: p for p in store.prompts()}
+    ids, groups, _ = groups_of(store.read_shards("responses", 1))
+    judge = RewardActor("pairwise", model=resolve_model_path("tiny:reward", seed=cfg.run.seed), batch_size=16)
+    pairs = pq.read_table(store.pairs_file).to_pylist()
+    assert pairs and summary.iterations[0]["updates"] > 0
+    for pair in pairs:
+        group = groups[ids.index(pair["prompt_id"])]
+        texts = [r.text for r in group]
+        k = len(texts)
+        wins = []
+        for i in range(k):
+            others = [j for j in range(k) if j != i]
+            probs = judge.compare([prompts[pair["prompt_id"]]] * len(others), [texts[i]] * len(others),
+                                  [texts[j] for j in others])
+            wins.append((0.5 + sum(probs)) / k)
+        assert pair["chosen_target"] == pytest.approx(wins[texts.index(pair["chosen"])], abs=1e-5)
+        assert pair["rejected_target"] == pytest.approx(wins[texts.index(pair["rejected"])], abs=1e-5)

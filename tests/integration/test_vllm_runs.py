@@ -47,3 +47,20 @@ def test_the_default_run_completes_on_vllm(tmp_path, run_env):
     # The shipped solver greedy-decoded by vLLM: level 1 always solved, level 5 never, as with transformers.
     assert summary["eval_start"]["accuracy_level_1"] >= 0.9 and summary["eval_start"]["accuracy_level_5"] == 0.0
     assert set(summary["eval"]) >= {"accuracy", "win_rate"}
+
+
+def test_offline_eva_runs_two_iterations_on_vllm(tmp_path, run_env):
+    """Offline eva on Ray with vLLM engines: each iteration's responses come from the weights the last one trained."""
+    code = main(["run", "--config", "configs/cipher-offline.yaml", f"run.output_dir={tmp_path}",
+                 "rollout.backend=vllm", "rollout.kv_cache_bytes=33554432", "offline.iterations=2",
+                 "offline.prompts_per_iteration=128", "offline.shard_prompts=64", "world.eval_per_level=10",
+                 "logging.progress=false"])
+    assert code == 0
+    (run_dir,) = tmp_path.iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    first, second = summary["iterations"]
+    assert first["updates"] > 0 and second["made"]["how"] == "evolved"
+    import pyarrow.parquet as pq
+
+    versions = set(pq.read_table(run_dir / "offline" / "iter-002" / "responses").column("policy_version").to_pylist())
+    assert versions == {first["updates"]}  # sampled by the policy iteration 1 ended with, synced to the engine
