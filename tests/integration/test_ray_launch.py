@@ -109,9 +109,10 @@ OFFLINE_JOBS = {
     "tiny": ["--config", "configs/tiny.yaml", "run.mode=offline", "solver.algorithm=dpo", "offline.iterations=2",
              "offline.prompts_per_iteration=12", "offline.responses_per_prompt=4", "offline.shard_prompts=6",
              "offline.lr=1e-3"],
-    # The cipher world, its curriculum evolver and its verifier.
+    # The cipher world, its curriculum evolver and its verifier; two learner ranks (each iteration's reset, the
+    # checkpoints and the pair batches go to both).
     "cipher": ["--config", "configs/cipher-offline.yaml", "offline.iterations=2", "offline.prompts_per_iteration=64",
-               "offline.shard_prompts=32", "world.eval_per_level=10"],
+               "offline.shard_prompts=32", "world.eval_per_level=10", "resources.learner.num_workers=2"],
 }
 
 
