@@ -335,6 +335,8 @@ def run(cfg: Config, *, inline: bool = False, echo=print, resume: str | Path | N
     logger = MetricsLogger(run_dir, project=cfg.logging.wandb_project, run_name=run_dir.name, config=to_dict(cfg),
                            mode_setting=cfg.logging.wandb_mode, jsonl=cfg.logging.jsonl,
                            resume_id=saved.get("wandb_id"), resume_step=saved.get("step"))
+    if logger.resume_refused:
+        echo(logger.resume_refused)
     if logger.torn_lines:
         echo(f"eva-ray: metrics.jsonl ended in {logger.torn_lines} line(s) cut short (a crash or a full disk); "
              "dropped")

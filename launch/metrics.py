@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -88,16 +89,28 @@ class MetricsLogger:
         self.mode = wandb_mode(mode_setting)
         self._wandb = None
         self._run = None
+        self.resume_refused: str | None = None
+        """The line to print when wandb would not continue the checkpoint's run (its id still held)."""
         if self.mode != "disabled":
             import wandb
 
             self._wandb = wandb
-            # A resumed run continues the same wandb run (its id from the checkpoint).
-            resume = dict(id=resume_id, resume="allow") if resume_id else {}
             # quiet: no "Run history / Run summary" block at the end (the run prints its own summary last).
-            self._run = wandb.init(project=project, name=run_name, dir=str(self.run_dir), mode=self.mode,
-                                   config=config, reinit="finish_previous", settings=wandb.Settings(quiet=True),
-                                   **resume)
+            start = dict(project=project, name=run_name, dir=str(self.run_dir), mode=self.mode, config=config,
+                         reinit="finish_previous", settings=wandb.Settings(quiet=True))
+            if resume_id:  # a resumed run continues the same wandb run (its id from the checkpoint)
+                try:
+                    self._run = wandb.init(**start, id=resume_id, resume="allow")
+                except Exception as exc:  # noqa: BLE001 - wandb's own error types vary by version
+                    # A killed run's wandb service can outlive it and still hold the id (a service shared
+                    # through WANDB_SERVICE does): the metrics go to a new wandb run rather than stop the run.
+                    if "in use" not in str(exc):
+                        raise
+                    self.resume_refused = (f"eva-ray: wandb run {resume_id} is still held by the killed run's "
+                                           "service; this part of the run logs to a new wandb run (metrics.jsonl "
+                                           "continues as before)")
+            if self._run is None:  # a fresh id: after the refused attempt wandb would otherwise reuse the held one
+                self._run = wandb.init(**start, **({"id": secrets.token_hex(4)} if self.resume_refused else {}))
             self._run.define_metric(STEP_KEY)
             self._run.define_metric("*", step_metric=STEP_KEY)
 

@@ -432,6 +432,8 @@ def run_offline(cfg: Config, *, inline: bool = False, echo: Callable[[str], None
     logger = MetricsLogger(run_dir, project=cfg.logging.wandb_project, run_name=run_dir.name, config=to_dict(cfg),
                            mode_setting=cfg.logging.wandb_mode, jsonl=cfg.logging.jsonl,
                            resume_id=state.get("wandb_id"), resume_step=state.get("version"))
+    if logger.resume_refused:
+        echo(logger.resume_refused)
     set_call_timeout(cfg.run.call_timeout_s)
     reset_signals()
     previous_sigterm = stop_on_sigterm(cfg.run.sigterm_grace_s)
