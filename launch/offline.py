@@ -23,6 +23,7 @@ training continues from the iteration's last checkpoint, so no update is applied
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -411,7 +412,7 @@ def run_offline(cfg: Config, *, inline: bool = False, echo: Callable[[str], None
     train, held_out, data_report = load_prompts(cfg)
     if resume is not None:
         run_dir = _resume_dir(cfg, resume)
-        state = __import__("json").loads((run_dir / STATE_FILE).read_text())
+        state = json.loads((run_dir / STATE_FILE).read_text())
         echo(f"eva-ray: resuming the offline run {run_dir}")
     else:
         run_dir = make_run_dir(cfg)
@@ -444,6 +445,7 @@ def run_offline(cfg: Config, *, inline: bool = False, echo: Callable[[str], None
         restarts = Restarts(system, max_restarts=cfg.resources.max_restarts, echo=echo,
                             ready_timeout_s=cfg.run.call_timeout_s)
         done = [t for t in range(1, cfg.offline.iterations + 1) if IterationStore(run_dir, t).done()]
+        summary.iterations = [IterationStore(run_dir, t).done() for t in done]  # the disk is the record
         trained = [t for t in done if IterationStore(run_dir, t).train_state() is not None]
         if trained:  # the policy the last finished iteration ended with, back on the learner and the workers
             version = gather([system.learner.call("load_checkpoint",
@@ -491,6 +493,10 @@ def run_offline(cfg: Config, *, inline: bool = False, echo: Callable[[str], None
         summary.interrupted = True
         echo(f"eva-ray: interrupted; finished shards and the last checkpoint are kept; resume with: eva-ray run "
              f"--resume {run_dir}")
+    except Exception:
+        echo(f"eva-ray: the run stopped (below); finished shards and the last checkpoint are kept; once the cause "
+             f"is fixed, resume with: eva-ray run --resume {run_dir}")
+        raise
     finally:
         if system is not None:
             summary.placement = system.placement
