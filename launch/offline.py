@@ -53,6 +53,7 @@ from launch.metrics import MetricsLogger
 from launch.recovery import Restarts, WorkerRestarted
 from launch.signals import reset as reset_signals
 from launch.signals import restore_sigterm, stop_at_step_end, stop_on_sigterm, terminated
+from launch.storage import model_params, space_warning
 
 STATE_FILE = "offline/state.json"
 WORKER_STATS = ("responses", "prompts", "tokens_generated")
@@ -441,6 +442,9 @@ def run_offline(cfg: Config, *, inline: bool = False, echo: Callable[[str], None
     system = None
     try:
         system = start_system(learner_cfg, train, run_dir, inline=inline, echo=echo)
+        warning = space_warning(cfg, run_dir, model_params(cfg.model.path), len(train))
+        if warning:
+            echo(warning)
         stop_on_sigterm()  # again: ray.init installs a handler of its own
         restarts = Restarts(system, max_restarts=cfg.resources.max_restarts, echo=echo,
                             ready_timeout_s=cfg.run.call_timeout_s)

@@ -170,18 +170,37 @@ def checkpoint_line(cfg: Any, seed_prompts: int | None = None) -> str | None:
     if seed_prompts is None:
         seed_prompts = cfg.world.seed_size if cfg.world.name else (cfg.data.max_prompts or 0)
     size = checkpoint_bytes(cfg, params, seed_prompts)
+    what = (f"checkpoint: ~{_mb(size['total'])} each (learner {_mb(size['learner'])} at ZeRO-"
+            f"{cfg.learner.zero_stage} in {cfg.model.dtype}, creator {_mb(size['creator'])}); ")
+    if cfg.run.mode == "offline":
+        return what + _offline_keeps(cfg, params)[1]
     keep = cfg.learner.keep_checkpoints
-    return (f"checkpoint: ~{_mb(size['total'])} each (learner {_mb(size['learner'])} at ZeRO-"
-            f"{cfg.learner.zero_stage} in {cfg.model.dtype}, creator {_mb(size['creator'])}); keeping "
-            f"{keep} while writing the next needs ~{_mb(size['total'] * (keep + 1))}")
+    return what + f"keeping {keep} while writing the next needs ~{_mb(size['total'] * (keep + 1))}"
+
+
+def _offline_keeps(cfg: Any, params: int) -> tuple[int, str]:
+    """(bytes, the words for them) of what an offline run keeps: its newest learner checkpoint while the next one
+    is written beside it, and every iteration's policy."""
+    learner = learner_checkpoint_bytes(params, cfg.model.dtype, cfg.learner.zero_stage)
+    policy = DTYPE_BYTES[cfg.model.dtype] * params
+    need = 2 * learner + cfg.offline.iterations * policy
+    return need, (f"an offline run keeps the newest learner checkpoint while writing the next (~{_mb(2 * learner)}) "
+                  f"and each iteration's policy (~{_mb(policy)}, {cfg.offline.iterations} iterations): ~{_mb(need)}")
 
 
 def space_warning(cfg: Any, run_dir: Path, params: int | None, seed_prompts: int, existing: int = 0) -> str | None:
     """One line when ``run_dir``'s free space cannot hold ``keep_checkpoints + 1`` checkpoints, less the
-    ``existing`` ones it holds already (None: it can, or the run writes no checkpoints, or the sizes are unknown)."""
-    if not cfg.learner.checkpoint_every or params is None:
+    ``existing`` ones it holds already, or (offline) what :func:`_offline_keeps` counts (None: it can, or the run
+    writes no checkpoints, or the sizes are unknown)."""
+    if params is None or not (cfg.learner.checkpoint_every or cfg.run.mode == "offline"):
         return None
     free = free_bytes(run_dir)
+    if cfg.run.mode == "offline":
+        need, words = _offline_keeps(cfg, params)
+        if free is None or free >= need:
+            return None
+        return (f"eva-ray: warning: {run_dir} has {_mb(free)} free, but {words}: free space, or the run will stop "
+                "when the disk is full")
     each = checkpoint_bytes(cfg, params, seed_prompts)["total"]
     need = each * max(1, cfg.learner.keep_checkpoints + 1 - existing)
     if free is None or free >= need:

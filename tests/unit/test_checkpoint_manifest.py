@@ -130,6 +130,18 @@ def test_the_checkpoint_size_is_estimated_and_a_small_disk_warned_about(tmp_path
     assert line.startswith(f"eva-ray: warning: {tmp_path} has ") and "keeps 5 while writing the next" in line
 
 
+def test_an_offline_run_counts_its_newest_checkpoint_and_every_iterations_policy(tmp_path):
+    cfg = load_config(REPO / "configs/cipher-offline.yaml", ["offline.iterations=4"])
+    params = 137_984  # the shipped cipher solver
+    line = checkpoint_line(cfg)
+    learner, policy = 12 * params, 4 * params  # ZeRO-0 float32: weights + AdamW moments; the policy's weights
+    assert "an offline run keeps the newest learner checkpoint" in line and "4 iterations" in line
+    assert line.endswith(f"~{(2 * learner + 4 * policy) / 1e6:.1f} MB")
+    assert space_warning(cfg, tmp_path, params, 6000) is None  # checkpoint_every is no condition offline
+    warning = space_warning(cfg, tmp_path, 10**12, 6000)
+    assert warning.startswith(f"eva-ray: warning: {tmp_path} has ") and "each iteration's policy" in warning
+
+
 def test_metrics_on_a_full_disk_stop_with_the_file_named_and_keep_every_complete_line(tmp_path):
     from launch.metrics import MetricsLogger
     from tests.disk import fill, small_disk
