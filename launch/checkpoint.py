@@ -40,7 +40,9 @@ LEARNER_DIR = "learner"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "eva-ray-checkpoint"
 # Keys a resumed run may change; everything else must equal the saved config.
-MUTABLE = ("run.total_steps", "run.call_timeout_s", "run.sigterm_grace_s", "logging.")
+MUTABLE = ("run.total_steps", "run.call_timeout_s", "run.sigterm_grace_s", "logging.",
+           # offline: a finished run goes on for more iterations; checkpoints may come more or less often
+           "offline.iterations", "offline.checkpoint_every")
 
 
 class ResumeError(RuntimeError):

@@ -402,6 +402,11 @@ def _resume_dir(cfg: Config, resume: str | Path) -> Path:
     changes = config_changes(yaml.safe_load(saved.read_text()), yaml.safe_load(to_yaml(cfg)))
     if changes:
         raise ConfigError(f"--resume {run_dir}: the config differs from the run's own: {'; '.join(changes)}")
+    finished = max((t for t in range(1, 10_000) if (run_dir / "offline" / f"iter-{t:03d}" / "done.json").is_file()),
+                   default=0)
+    if cfg.offline.iterations < finished:
+        raise ConfigError(f"offline.iterations: {cfg.offline.iterations} is below the {finished} iterations "
+                          f"{run_dir} has finished; raise it to go on, or leave it as it was")
     return run_dir
 
 
@@ -418,8 +423,8 @@ def run_offline(cfg: Config, *, inline: bool = False, echo: Callable[[str], None
     else:
         run_dir = make_run_dir(cfg)
         state = {}
-        write_text(run_dir / "config.yaml", to_yaml(cfg))
         echo(f"eva-ray: run directory {run_dir}")
+    write_text(run_dir / "config.yaml", to_yaml(cfg))  # a resumed run may have raised offline.iterations
     echo(f"eva-ray: seed set {data_report}; {len(train)} for training, {len(held_out)} held out")
     echo(f"eva-ray: offline {cfg.offline.arm}, {cfg.solver.algorithm}: {cfg.offline.iterations} iterations of "
          f"{cfg.offline.prompts_per_iteration} prompts x {cfg.offline.responses_per_prompt} responses; lr "
@@ -430,6 +435,7 @@ def run_offline(cfg: Config, *, inline: bool = False, echo: Callable[[str], None
         run_dir=str(run_dir), arm=cfg.offline.arm, loss=cfg.solver.algorithm)
     if state:
         summary.resumed += 1
+        summary.run_dir = str(run_dir)  # the folder may have moved since
     learner_cfg = for_learner(cfg, recipe)
     logger = MetricsLogger(run_dir, project=cfg.logging.wandb_project, run_name=run_dir.name, config=to_dict(cfg),
                            mode_setting=cfg.logging.wandb_mode, jsonl=cfg.logging.jsonl,

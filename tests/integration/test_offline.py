@@ -212,3 +212,19 @@ def test_sppo_targets_come_from_the_pairwise_reward_models_comparisons(tmp_path,
             wins.append((0.5 + sum(probs)) / k)
         assert pair["chosen_target"] == pytest.approx(wins[texts.index(pair["chosen"])], abs=1e-5)
         assert pair["rejected_target"] == pytest.approx(wins[texts.index(pair["rejected"])], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_finished_run_goes_on_for_more_iterations(uninterrupted, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run_dir)  # the fixture's run stays as it is for the other tests
+    fewer = run_cli(tmp_path, "run", "--inline", "--resume", str(run_dir), "offline.iterations=1")
+    assert fewer.returncode == 2 and "below the 2 iterations" in fewer.stderr
+    more = run_cli(tmp_path, "run", "--inline", "--resume", str(run_dir), "offline.iterations=3")
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [i["iteration"] for i in summary["iterations"]] == [1, 2, 3] and summary["run_dir"] == str(run_dir)
+    assert summary["iterations"][2]["made"]["how"] == "evolved" and "iteration 3 done" in more.stdout
+    assert "iterations: 3" in (run_dir / "config.yaml").read_text()  # the next resume compares with this
