@@ -150,23 +150,34 @@ def test_resume_refuses_a_changed_config(uninterrupted, tmp_path):
     assert done.returncode == 2 and "offline.children" in done.stderr
 
 
-@pytest.mark.slow
-def test_the_rewriter_replaces_chosen_responses_through_litellm(tmp_path, tiny_cache, monkeypatch):
-    """The tiny config offline, with offline.rewrite: the tiny LLM behind LiteLLM rewrites each chosen response."""
-    import datasets
-
+@pytest.fixture
+def tiny_offline(tmp_path, tiny_cache, monkeypatch):
+    """``tiny_offline(*overrides)``: one inline offline iteration of the tiny config; returns its summary."""
     from eva_ray.config import load_config
     from launch.offline import run_offline
 
     monkeypatch.setenv("EVA_RAY_CACHE", str(tiny_cache))
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        f"run.output_dir={tmp_path}", "run.mode=offline", "solver.algorithm=dpo", "offline.iterations=1",
-        "offline.prompts_per_iteration=8", "offline.responses_per_prompt=3", "offline.rewrite=true",
-        # The tiny LLM writes short noise: bounds wide enough to accept it, so what is checked is the plumbing.
-        "offline.rewrite_min_ratio=0.01", "offline.rewrite_max_ratio=100", "offline.rewrite_max_tokens=24"])
+
+    def run(*overrides: str, echo=lambda line: None):
+        cfg = load_config(REPO / "configs" / "tiny.yaml", [f"run.output_dir={tmp_path}", "run.mode=offline",
+                                                            "offline.iterations=1", *overrides])
+        return cfg, run_offline(cfg, inline=True, echo=echo)
+
+    return run
+
+
+@pytest.mark.slow
+def test_the_rewriter_replaces_chosen_responses_through_litellm(tiny_offline):
+    """The tiny config offline, with offline.rewrite: the tiny LLM behind LiteLLM rewrites each chosen response."""
+    import datasets
+
     lines: list[str] = []
-    summary = run_offline(cfg, inline=True, echo=lines.append)
+    # The tiny LLM writes short noise: bounds wide enough to accept it, so what is checked is the plumbing.
+    _, summary = tiny_offline("solver.algorithm=dpo", "offline.prompts_per_iteration=8",
+                              "offline.responses_per_prompt=3", "offline.rewrite=true",
+                              "offline.rewrite_min_ratio=0.01", "offline.rewrite_max_ratio=100",
+                              "offline.rewrite_max_tokens=24", echo=lines.append)
     (it,) = summary.iterations
     pairs = datasets.load_dataset("parquet", data_files=str(Path(summary.run_dir) / "offline" / "iter-001" /
                                                             "pairs.parquet"), split="train")
@@ -177,23 +188,17 @@ def test_the_rewriter_replaces_chosen_responses_through_litellm(tmp_path, tiny_c
 
 
 @pytest.mark.slow
-def test_sppo_targets_come_from_the_pairwise_reward_models_comparisons(tmp_path, tiny_cache, monkeypatch):
+def test_sppo_targets_come_from_the_pairwise_reward_models_comparisons(tiny_offline):
     """SPPO with a pairwise reward model: each pair's targets are P(y > pi), the mean of the model's P(y > y_j)."""
     import pyarrow.parquet as pq
 
     from actors.reward import RewardActor
-    from eva_ray.config import load_config
     from eva_ray.offline.store import IterationStore, groups_of
     from eva_ray.tiny import resolve_model_path
-    from launch.offline import run_offline
 
-    monkeypatch.setenv("EVA_RAY_CACHE", str(tiny_cache))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        f"run.output_dir={tmp_path}", "run.mode=offline", "solver.algorithm=sppo", "reward.backend=pairwise",
-        "offline.iterations=1", "offline.prompts_per_iteration=6", "offline.responses_per_prompt=3",
-        "offline.epochs=1"])
-    summary = run_offline(cfg, inline=True, echo=lambda line: None)
+    cfg, summary = tiny_offline("solver.algorithm=sppo", "reward.backend=pairwise",
+                                "offline.prompts_per_iteration=6", "offline.responses_per_prompt=3",
+                                "offline.epochs=1")
     store = IterationStore(summary.run_dir, 1)
     prompts = {p.id: p for p in store.prompts()}
     ids, groups, _ = groups_of(store.read_shards("responses", 1))
