@@ -94,8 +94,10 @@ class Eta:
             return
         elapsed = time.monotonic() - self.start
         left = (self.total - done) * elapsed / done if done else float("nan")
-        self.echo(f"eva-ray: {self.what} {done}/{self.total}{' ' + extra if extra else ''} | {elapsed:.0f}s, "
-                  f"ETA {left:.0f}s" if done else f"eva-ray: {self.what} 0/{self.total}")
+        line = f"eva-ray: {self.what} {done}/{self.total}"
+        if done:
+            line += f"{' ' + extra if extra else ''} | {elapsed:.0f}s, ETA {left:.0f}s"
+        self.echo(line)
 
 
 # --------------------------------------------------------------------------------------------------- the loop
@@ -402,8 +404,7 @@ def _resume_dir(cfg: Config, resume: str | Path) -> Path:
     changes = config_changes(yaml.safe_load(saved.read_text()), yaml.safe_load(to_yaml(cfg)))
     if changes:
         raise ConfigError(f"--resume {run_dir}: the config differs from the run's own: {'; '.join(changes)}")
-    finished = max((t for t in range(1, 10_000) if (run_dir / "offline" / f"iter-{t:03d}" / "done.json").is_file()),
-                   default=0)
+    finished = len(list((run_dir / "offline").glob("iter-*/done.json")))  # iterations finish in order
     if cfg.offline.iterations < finished:
         raise ConfigError(f"offline.iterations: {cfg.offline.iterations} is below the {finished} iterations "
                           f"{run_dir} has finished; raise it to go on, or leave it as it was")
@@ -454,20 +455,19 @@ def run_offline(cfg: Config, *, inline: bool = False, echo: Callable[[str], None
         stop_on_sigterm()  # again: ray.init installs a handler of its own
         restarts = Restarts(system, max_restarts=cfg.resources.max_restarts, echo=echo,
                             ready_timeout_s=cfg.run.call_timeout_s)
-        done = [t for t in range(1, cfg.offline.iterations + 1) if IterationStore(run_dir, t).done()]
-        summary.iterations = [IterationStore(run_dir, t).done() for t in done]  # the disk is the record
-        trained = [t for t in done if IterationStore(run_dir, t).train_state() is not None]
+        stores = [IterationStore(run_dir, t) for t in range(1, cfg.offline.iterations + 1)]
+        done = [store.iteration for store in stores if store.done()]
+        summary.iterations = [stores[t - 1].done() for t in done]  # the disk is the record
+        trained = [t for t in done if stores[t - 1].train_state() is not None]
         if trained:  # the policy the last finished iteration ended with, back on the learner and the workers
-            version = gather([system.learner.call("load_checkpoint",
-                                                  str(IterationStore(run_dir, trained[-1]).checkpoint_dir))])[0]
+            version = gather([system.learner.call("load_checkpoint", str(stores[trained[-1] - 1].checkpoint_dir))])[0]
             system.learner_version = int(version)
             system.sync_weights()
             echo(f"eva-ray: iterations {', '.join(map(str, done))} are finished; iteration {trained[-1]}'s policy "
                  f"(version {version}) is back on the learner and the rollout workers")
         # Children of the iterations whose set was formed before this process: no later child may repeat one (an
         # iteration killed between its evolve step and its set evolves again, so its children do not count).
-        earlier = [c.prompt_text for t in range(1, cfg.offline.iterations + 1)
-                   if IterationStore(run_dir, t).has_prompts() for c in IterationStore(run_dir, t).children()]
+        earlier = [c.prompt_text for store in stores if store.has_prompts() for c in store.children()]
         if earlier:
             gather([system.creator.call("remember", earlier)])
         tokenizer = _world_tokenizer(cfg) or (_policy_tokenizer(cfg) if cfg.offline.rewrite else None)
