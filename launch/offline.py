@@ -50,13 +50,14 @@ from launch.driver import (Evaluator, _levels, _world_tokenizer, load_prompts, m
                            with_world_defaults)
 from launch.handles import gather, set_call_timeout
 from launch.metrics import MetricsLogger
-from launch.recovery import Restarts, WorkerRestarted
+from launch.recovery import ActorLost, Restarts, WorkerRestarted, lost_line, resume_command
 from launch.signals import reset as reset_signals
 from launch.signals import restore_sigterm, stop_at_step_end, stop_on_sigterm, terminated
 from launch.storage import model_params, space_warning
 
 STATE_FILE = "offline/state.json"
 WORKER_STATS = ("responses", "prompts", "tokens_generated")
+KEPT = "finished shards and the last checkpoint are kept"
 
 
 @dataclass
@@ -501,11 +502,13 @@ def run_offline(cfg: Config, *, inline: bool = False, echo: Callable[[str], None
             echo(iteration_line(figures))
     except KeyboardInterrupt:
         summary.interrupted = True
-        echo(f"eva-ray: interrupted; finished shards and the last checkpoint are kept; resume with: eva-ray run "
-             f"--resume {run_dir}")
-    except Exception:
-        echo(f"eva-ray: the run stopped (below); finished shards and the last checkpoint are kept; once the cause "
-             f"is fixed, resume with: eva-ray run --resume {run_dir}")
+        echo(f"eva-ray: interrupted; {KEPT}; resume with: {resume_command(str(run_dir))}")
+    except Exception as exc:
+        line = lost_line(exc, str(run_dir), None, kept=KEPT)
+        if line is not None:  # the learner or creator died, or an actor hung: one line, as online
+            raise ActorLost(line) from exc
+        echo(f"eva-ray: the run stopped (below); {KEPT}; once the cause is fixed, resume with: "
+             f"{resume_command(str(run_dir))}")
         raise
     finally:
         if system is not None:

@@ -67,8 +67,10 @@ def resume_command(run_dir: str) -> str:
     return f"{program} run --resume {run_dir}"
 
 
-def lost_line(exc: BaseException, run_dir: str, last_checkpoint: int | None) -> str | None:
-    """The one line that stops a run whose learner or creator died or whose actor hung (None: another error)."""
+def lost_line(exc: BaseException, run_dir: str, last_checkpoint: int | None, *, kept: str | None = None
+              ) -> str | None:
+    """The one line that stops a run whose learner or creator died or whose actor hung (None: another error).
+    ``kept``: what a run that does not count steps (offline) has saved, said instead of the last checkpoint's step."""
     name = dead_actor(exc)
     timeout = _in_chain(exc, ActorTimeout)
     if timeout is not None:  # also behind a learner group's LearnerRankError
@@ -77,6 +79,8 @@ def lost_line(exc: BaseException, run_dir: str, last_checkpoint: int | None) -> 
         what = f"the {name} actor died ({type(exc).__name__})"
     else:
         return None
+    if kept is not None:
+        return f"{what}; {kept}; resume with: {resume_command(run_dir)}"
     if last_checkpoint is None:
         return f"{what}; no checkpoint was written yet (learner.checkpoint_every), so the run must start again"
     return f"{what}; the last checkpoint is step {last_checkpoint}; resume with: {resume_command(run_dir)}"

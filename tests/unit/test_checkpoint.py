@@ -104,3 +104,12 @@ def test_the_stop_line_names_the_hung_call_even_behind_another_error_and_says_ho
     assert line.startswith("learner-1.train_step did not answer within 5s")
     assert "; the last checkpoint is step 12; resume with: " in line and line.endswith(f"run --resume {tmp_path}")
     assert lost_line(ValueError("a bug"), str(tmp_path), 12) is None
+
+
+def test_an_offline_stop_line_says_what_is_kept_instead_of_a_step(tmp_path):
+    from launch.recovery import lost_line
+
+    line = lost_line(ActorTimeout("learner-0.train_step did not answer within 5s"), str(tmp_path), None,
+                     kept="finished shards and the last checkpoint are kept")
+    assert line.startswith("learner-0.train_step did not answer")
+    assert "; finished shards and the last checkpoint are kept; resume with: " in line and "step" not in line.split(";")[1]
